@@ -1,0 +1,159 @@
+// The activations phi of the fused MLP and their derivatives phi'.
+//
+// This header is the one place that holds the activation math. It includes no
+// torch header, so the CPU kernels (with at::vec::Vectorized) and the raw CUDA
+// kernels share it: every formula is written once over a value type V whose
+// primitives (exp, tanh, erf, relu, step) come from Math<V>.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MLP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MLP_HOST_DEVICE inline
+#endif
+
+namespace mlp_ext {
+
+// The values are part of no public ABI; the op schemas take the names below.
+enum class Activation : int64_t {
+  Identity,
+  Relu,
+  Sigmoid,
+  Tanh,
+  Gelu,      // exact: z * Phi(z), Phi the standard normal CDF (erf form)
+  GeluTanh,  // the tanh approximation of GELU
+  Silu,
+};
+
+// Primitives for a scalar V (float or double; CUDA half types compute in float).
+// mlp_cpu.cpp specialises Math for at::vec::Vectorized<T>.
+template <typename V>
+struct Math {
+  MLP_HOST_DEVICE static V constant(double c) { return static_cast<V>(c); }
+  MLP_HOST_DEVICE static V exp(V x) { return std::exp(x); }
+  MLP_HOST_DEVICE static V tanh(V x) { return std::tanh(x); }
+  MLP_HOST_DEVICE static V erf(V x) { return std::erf(x); }
+  // Written so that NaN propagates (torch.relu(nan) is nan; fmax would give 0).
+  MLP_HOST_DEVICE static V relu(V x) { return x < V(0) ? V(0) : x; }
+  // relu'(z) as torch defines it: 0 at z = 0 and at NaN.
+  MLP_HOST_DEVICE static V step(V x) { return x > V(0) ? V(1) : V(0); }
+};
+
+template <Activation A>
+struct Act;
+
+template <>
+struct Act<Activation::Identity> {
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) { return z; }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V) { return Math<V>::constant(1.0); }
+};
+
+template <>
+struct Act<Activation::Relu> {
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) { return Math<V>::relu(z); }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V z) { return Math<V>::step(z); }
+};
+
+template <>
+struct Act<Activation::Sigmoid> {
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) {
+    using M = Math<V>;
+    return M::constant(1.0) / (M::constant(1.0) + M::exp(M::constant(0.0) - z));
+  }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V z) {
+    const V s = forward(z);
+    return s * (Math<V>::constant(1.0) - s);
+  }
+};
+
+template <>
+struct Act<Activation::Tanh> {
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) { return Math<V>::tanh(z); }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V z) {
+    const V t = Math<V>::tanh(z);
+    return Math<V>::constant(1.0) - t * t;
+  }
+};
+
+template <>
+struct Act<Activation::Gelu> {
+  static constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/sqrt(2)
+  static constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2 pi)
+  template <typename V>
+  MLP_HOST_DEVICE static V cdf(V z) {
+    using M = Math<V>;
+    return M::constant(0.5) * (M::constant(1.0) + M::erf(z * M::constant(kSqrtHalf)));
+  }
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) { return z * cdf(z); }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V z) {
+    using M = Math<V>;
+    const V pdf = M::exp(M::constant(-0.5) * z * z) * M::constant(kInvSqrt2Pi);
+    return cdf(z) + z * pdf;
+  }
+};
+
+template <>
+struct Act<Activation::GeluTanh> {
+  static constexpr double kBeta = 0.79788456080286535588;  // sqrt(2/pi)
+  static constexpr double kKappa = 0.044715;
+  template <typename V>
+  MLP_HOST_DEVICE static V inner_tanh(V z) {
+    using M = Math<V>;
+    return M::tanh(M::constant(kBeta) * (z + M::constant(kKappa) * z * z * z));
+  }
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) {
+    using M = Math<V>;
+    return M::constant(0.5) * z * (M::constant(1.0) + inner_tanh(z));
+  }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V z) {
+    using M = Math<V>;
+    const V t = inner_tanh(z);
+    const V dinner = M::constant(kBeta) * (M::constant(1.0) + M::constant(3.0 * kKappa) * z * z);
+    return M::constant(0.5) * (M::constant(1.0) + t) +
+        M::constant(0.5) * z * (M::constant(1.0) - t * t) * dinner;
+  }
+};
+
+template <>
+struct Act<Activation::Silu> {
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) { return z * Act<Activation::Sigmoid>::forward(z); }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V z) {
+    using M = Math<V>;
+    const V s = Act<Activation::Sigmoid>::forward(z);
+    return s * (M::constant(1.0) + z * (M::constant(1.0) - s));
+  }
+};
+
+// Calls f(Act<A>{}) for the run-time activation a, so kernels are instantiated
+// once per activation and the activation is a compile-time constant inside them.
+template <typename F>
+inline void visit_activation(Activation a, F&& f) {
+  switch (a) {
+    case Activation::Identity: f(Act<Activation::Identity>{}); return;
+    case Activation::Relu: f(Act<Activation::Relu>{}); return;
+    case Activation::Sigmoid: f(Act<Activation::Sigmoid>{}); return;
+    case Activation::Tanh: f(Act<Activation::Tanh>{}); return;
+    case Activation::Gelu: f(Act<Activation::Gelu>{}); return;
+    case Activation::GeluTanh: f(Act<Activation::GeluTanh>{}); return;
+    case Activation::Silu: f(Act<Activation::Silu>{}); return;
+  }
+}
+
+}  // namespace mlp_ext

@@ -1,0 +1,377 @@
+// The fused MLP operator, device-independent part: the op schemas (declared
+// once, here), argument checks, the matrix-product orchestration shared by every
+// device, and the autograd node (a C++ torch::autograd::Function, so a training
+// step runs no Python between the op call and the gradients).
+#include <Python.h>
+
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+#include "mlp.h"
+
+namespace mlp_ext {
+
+namespace {
+
+constexpr std::string_view kActivationNames[] = {
+    "identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"};
+
+std::string valid_activations() {
+  std::string names;
+  for (auto name : kActivationNames) {
+    names += names.empty() ? "" : ", ";
+    names += '"';
+    names += name;
+    names += '"';
+  }
+  return names;
+}
+
+void check_parameter(
+    const char* name,
+    const std::optional<Tensor>& t,
+    at::IntArrayRef expected_shape,
+    const char* expected_text,
+    const Tensor& x) {
+  if (!t) {
+    return;
+  }
+  TORCH_CHECK(
+      t->sizes() == expected_shape,
+      "fused_mlp: expected ", name, " of shape ", expected_text, " = ", expected_shape,
+      ", but got ", name, ".shape = ", t->sizes());
+  TORCH_CHECK_TYPE(
+      t->scalar_type() == x.scalar_type(),
+      "fused_mlp: expected ", name, " to have the dtype of x (", x.scalar_type(),
+      "), but got ", t->scalar_type());
+  TORCH_CHECK(
+      t->device() == x.device(),
+      "fused_mlp: expected ", name, " on the device of x (", x.device(), "), but got ",
+      name, " on ", t->device());
+}
+
+}  // namespace
+
+Activation parse_activation(std::string_view name) {
+  for (size_t i = 0; i < std::size(kActivationNames); ++i) {
+    if (name == kActivationNames[i]) {
+      return static_cast<Activation>(i);
+    }
+  }
+  TORCH_CHECK_VALUE(
+      false, "fused_mlp: unknown activation \"", name, "\"; expected one of ",
+      valid_activations());
+}
+
+void check_forward_inputs(
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    double weight_decay,
+    bool allow_reduced_precision) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(weight_decay) && weight_decay >= 0,
+      "fused_mlp: expected weight_decay to be a finite number >= 0, but got ", weight_decay);
+  TORCH_CHECK(
+      x.dim() >= 1,
+      "fused_mlp: expected x of shape (*, in_features) with at least 1 dimension, but got a "
+      "0-dim tensor");
+  const auto dtype = x.scalar_type();
+  const bool supported = dtype == at::kFloat || dtype == at::kDouble ||
+      (allow_reduced_precision && (dtype == at::kHalf || dtype == at::kBFloat16));
+  TORCH_CHECK_TYPE(
+      supported, "fused_mlp: expected x of a floating dtype (",
+      allow_reduced_precision ? "float32, float64, float16 or bfloat16"
+                              : "float32 or float64 on ",
+      allow_reduced_precision ? "" : x.device().str(), "), but got ", dtype);
+  TORCH_CHECK(
+      w1.dim() == 2,
+      "fused_mlp: expected w1 of shape (hidden_features, in_features), but got w1.shape = ",
+      w1.sizes());
+  TORCH_CHECK(
+      w2.dim() == 2,
+      "fused_mlp: expected w2 of shape (out_features, hidden_features), but got w2.shape = ",
+      w2.sizes());
+  TORCH_CHECK(
+      x.size(-1) == w1.size(1),
+      "fused_mlp: x.shape[-1] = ", x.size(-1), " does not match in_features = w1.shape[1] = ",
+      w1.size(1), " (x.shape = ", x.sizes(), ", w1.shape = ", w1.sizes(), ")");
+  TORCH_CHECK(
+      w2.size(1) == w1.size(0),
+      "fused_mlp: w2.shape[1] = ", w2.size(1), " does not match hidden_features = w1.shape[0] = ",
+      w1.size(0), " (w1.shape = ", w1.sizes(), ", w2.shape = ", w2.sizes(), ")");
+  check_parameter("w1", w1, w1.sizes(), "(hidden_features, in_features)", x);
+  check_parameter("w2", w2, w2.sizes(), "(out_features, hidden_features)", x);
+  check_parameter("b1", b1, {w1.size(0)}, "(hidden_features,)", x);
+  check_parameter("b2", b2, {w2.size(0)}, "(out_features,)", x);
+}
+
+ForwardResult fused_mlp_forward(
+    const DeviceKernels& kernels,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    std::string_view activation,
+    double weight_decay) {
+  const Activation act = parse_activation(activation);
+  check_forward_inputs(x, w1, w2, b1, b2, weight_decay, kernels.reduced_precision);
+
+  // Leading dimensions flatten to n rows, as nn.Linear does; the product of the
+  // leading sizes (not -1) keeps n = 0 well defined.
+  const int64_t in_features = w1.size(1);
+  const int64_t n = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  const Tensor x2d = x.reshape({n, in_features});
+
+  // mm reads transposed and strided operands in place, and returns contiguous z.
+  Tensor z = at::mm(x2d, w1.t());
+  Tensor h = at::empty_like(z);
+  kernels.bias_activation(z, h, b1, act);
+  Tensor o = b2 ? at::addmm(*b2, h, w2.t()) : at::mm(h, w2.t());
+
+  auto o_shape = x.sizes().vec();
+  o_shape.back() = w2.size(0);
+  Tensor s = weight_decay == 0 ? at::zeros({}, x.options())
+                               : kernels.penalty(w1, w2, weight_decay);
+  return {o.view(o_shape), s, z, h};
+}
+
+namespace {
+
+// dW = G^T A + g_s * weight_decay * W: the decay term rides in the product's beta.
+Tensor weight_gradient(
+    const Tensor& g,
+    const Tensor& a,
+    const Tensor& w,
+    const std::optional<Tensor>& grad_s,
+    double weight_decay) {
+  if (!grad_s || weight_decay == 0) {
+    return at::mm(g.t(), a);
+  }
+  if (grad_s->is_cpu()) {
+    return at::addmm(w, g.t(), a, grad_s->item<double>() * weight_decay);
+  }
+  // On an accelerator g_s stays on the device (reading it would synchronize).
+  return at::addmm(w * *grad_s, g.t(), a, weight_decay);
+}
+
+}  // namespace
+
+BackwardResult fused_mlp_backward(
+    const DeviceKernels& kernels,
+    const Tensor& grad_o,
+    const std::optional<Tensor>& grad_s,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const Tensor& z,
+    const Tensor& h,
+    std::string_view activation,
+    double weight_decay,
+    std::array<bool, 5> output_mask) {
+  const Activation act = parse_activation(activation);
+  const auto [need_dx, need_dw1, need_dw2, need_db1, need_db2] = output_mask;
+  const int64_t n = z.size(0);
+  const int64_t out_features = w2.size(0);
+  TORCH_CHECK(
+      grad_o.numel() == n * out_features,
+      "fused_mlp_backward: expected grad_o with ", n, " x ", out_features,
+      " elements, but got grad_o.shape = ", grad_o.sizes());
+  const Tensor g_o = grad_o.reshape({n, out_features});
+
+  Tensor dx, dw1, dw2, db1, db2;
+  if (need_dw2) {
+    dw2 = weight_gradient(g_o, h, w2, grad_s, weight_decay);
+  }
+  if (need_db2) {
+    db2 = g_o.sum(0);
+  }
+  if (need_dx || need_dw1 || need_db1) {
+    Tensor g = at::mm(g_o, w2);  // G_H, turned into G_Z in place
+    if (need_db1) {
+      db1 = at::empty({w1.size(0)}, g.options());
+    }
+    kernels.activation_backward(g, z.contiguous(), db1, act);
+    if (need_dw1) {
+      dw1 = weight_gradient(g, x.reshape({n, w1.size(1)}), w1, grad_s, weight_decay);
+    }
+    if (need_dx) {
+      dx = at::mm(g, w1).view(x.sizes());
+    }
+  }
+  return {dx, dw1, dw2, db1, db2};
+}
+
+namespace {
+
+Tensor activation_op(const Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::Identity: return z;
+    case Activation::Relu: return at::relu(z);
+    case Activation::Sigmoid: return at::sigmoid(z);
+    case Activation::Tanh: return at::tanh(z);
+    case Activation::Gelu: return at::gelu(z, "none");
+    case Activation::GeluTanh: return at::gelu(z, "tanh");
+    case Activation::Silu: return at::silu(z);
+  }
+  TORCH_INTERNAL_ASSERT(false, "unreachable");
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Saved for backward: x, w1, w2, b1 (if given; read only for second
+// derivatives), and the intermediates z and h of the forward.
+class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x,
+      const Tensor& w1,
+      const Tensor& w2,
+      const std::optional<Tensor>& b1,
+      const std::optional<Tensor>& b2,
+      std::string_view activation,
+      double weight_decay) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
+                         .typed<ForwardResult(
+                             const Tensor&, const Tensor&, const Tensor&,
+                             const std::optional<Tensor>&, const std::optional<Tensor>&,
+                             c10::string_view, double)>();
+    auto [o, s, z, h] = op.call(x, w1, w2, b1, b2, activation, weight_decay);
+    ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, h});
+    ctx->saved_data["activation"] = static_cast<int64_t>(parse_activation(activation));
+    ctx->saved_data["weight_decay"] = weight_decay;
+    ctx->set_materialize_grads(false);
+    return {o, s};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &b1 = saved[3];
+    const Tensor &z = saved[4], &h = saved[5];
+    const auto act = static_cast<Activation>(ctx->saved_data["activation"].toInt());
+    const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
+    const Tensor &grad_o = grads[0], &grad_s = grads[1];
+    const std::array<bool, 5> mask = {
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+        ctx->needs_input_grad(3), ctx->needs_input_grad(4)};
+
+    Tensor dx, dw1, dw2, db1, db2;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: recompute the forward from differentiable ATen ops and
+      // differentiate it, so second derivatives are exact. Only taken on demand.
+      std::tie(dx, dw1, dw2, db1, db2) =
+          differentiable_backward(x, w1, w2, b1, grad_o, mask, act);
+    } else if (grad_o.defined()) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mlp_ext::fused_mlp_backward", "")
+                           .typed<BackwardResult(
+                               const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                               const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                               c10::string_view, double, std::array<bool, 5>)>();
+      std::tie(dx, dw1, dw2, db1, db2) = op.call(
+          grad_o, grad_s.defined() ? std::optional<Tensor>(grad_s) : std::nullopt, x, w1, w2,
+          z, h, kActivationNames[static_cast<size_t>(act)], weight_decay, mask);
+      return {dx, dw1, dw2, db1, db2, Tensor(), Tensor()};
+    }
+    // Only s reached the loss, or the differentiable path: add g_s * lambda * W.
+    if (grad_s.defined() && weight_decay != 0) {
+      if (mask[1]) {
+        const Tensor decay = w1 * (grad_s * weight_decay);
+        dw1 = dw1.defined() ? dw1 + decay : decay;
+      }
+      if (mask[2]) {
+        const Tensor decay = w2 * (grad_s * weight_decay);
+        dw2 = dw2.defined() ? dw2 + decay : decay;
+      }
+    }
+    return {dx, dw1, dw2, db1, db2, Tensor(), Tensor()};
+  }
+
+ private:
+  static BackwardResult differentiable_backward(
+      const Tensor& x,
+      const Tensor& w1,
+      const Tensor& w2,
+      const Tensor& b1,
+      const Tensor& grad_o,
+      const std::array<bool, 5>& mask,
+      Activation act) {
+    if (!grad_o.defined()) {
+      return {};
+    }
+    Tensor z = at::matmul(x, w1.t());
+    if (b1.defined()) {
+      z = z + b1;
+    }
+    const Tensor o = at::matmul(activation_op(z, act), w2.t());  // b2 drops out of every derivative
+    std::vector<Tensor> inputs;
+    const Tensor* candidates[] = {&x, &w1, &w2, &b1};
+    for (size_t i = 0; i < 4; ++i) {
+      if (mask[i]) {
+        inputs.push_back(*candidates[i]);
+      }
+    }
+    std::vector<Tensor> grads;
+    if (!inputs.empty()) {
+      grads = torch::autograd::grad(
+          {o}, inputs, {grad_o}, /*retain_graph=*/true, /*create_graph=*/true,
+          /*allow_unused=*/true);
+    }
+    Tensor result[5];
+    for (size_t i = 0, k = 0; i < 4; ++i) {
+      if (mask[i]) {
+        result[i] = grads[k++];
+      }
+    }
+    if (mask[4]) {
+      result[4] = grad_o.reshape({-1, w2.size(0)}).sum(0);
+    }
+    return {result[0], result[1], result[2], result[3], result[4]};
+  }
+};
+
+std::tuple<Tensor, Tensor> fused_mlp_autograd(
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    c10::string_view activation,
+    double weight_decay) {
+  auto outputs = FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mlp_ext, m) {
+  m.def(
+      "fused_mlp(Tensor x, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None, *, "
+      "str activation=\"relu\", float weight_decay=0.0) -> (Tensor o, Tensor s)");
+  m.def(
+      "fused_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
+      "str activation, float weight_decay) -> (Tensor o, Tensor s, Tensor z, Tensor h)");
+  m.def(
+      "fused_mlp_backward(Tensor grad_o, Tensor? grad_s, Tensor x, Tensor w1, Tensor w2, "
+      "Tensor z, Tensor h, str activation, float weight_decay, bool[5] output_mask) -> "
+      "(Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
+  m.impl("fused_mlp", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(fused_mlp_autograd));
+}
+
+}  // namespace mlp_ext
+
+// `import mlp_ext._C` loads this library, whose static initializers register
+// the ops with the dispatcher; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

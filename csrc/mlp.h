@@ -1,0 +1,74 @@
+// The fused MLP operator: what the device-independent part (mlp.cpp) and the
+// device kernels (mlp_cpu.cpp, cuda/) share.
+//
+// The matrix products go through ATen on every device; a device supplies the
+// two fused elementwise passes and the regularization term through
+// DeviceKernels, and registers its ops with make_forward/make_backward.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "activation.h"
+
+namespace mlp_ext {
+
+using at::Tensor;
+
+// Parses the schema's activation name; ValueError listing the valid names.
+Activation parse_activation(std::string_view name);
+
+// TORCH_CHECKs every argument of fused_mlp; messages name the argument and
+// both the expected and the actual shape / dtype / device.
+void check_forward_inputs(
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    double weight_decay,
+    bool allow_reduced_precision);
+
+struct DeviceKernels {
+  // z (n x h, contiguous) += b1 (if given); h = phi(z). Both written in one pass.
+  void (*bias_activation)(Tensor& z, Tensor& h, const std::optional<Tensor>& b1, Activation act);
+  // g (n x h, contiguous) holds G_H on entry and G_Z = G_H * phi'(z) on exit;
+  // db1 (if defined, shape (h,)) receives the column sums of G_Z.
+  void (*activation_backward)(Tensor& g, const Tensor& z, Tensor& db1, Activation act);
+  // weight_decay / 2 * (||w1||^2 + ||w2||^2) as a 0-dim tensor of w1's dtype.
+  Tensor (*penalty)(const Tensor& w1, const Tensor& w2, double weight_decay);
+  // Whether float16 / bfloat16 inputs are accepted.
+  bool reduced_precision;
+};
+
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // dx, dw1, dw2, db1, db2
+
+ForwardResult fused_mlp_forward(
+    const DeviceKernels& kernels,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    std::string_view activation,
+    double weight_decay);
+
+BackwardResult fused_mlp_backward(
+    const DeviceKernels& kernels,
+    const Tensor& grad_o,
+    const std::optional<Tensor>& grad_s,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const Tensor& z,
+    const Tensor& h,
+    std::string_view activation,
+    double weight_decay,
+    std::array<bool, 5> output_mask);
+
+}  // namespace mlp_ext

@@ -1,0 +1,15 @@
+"""mlp_ext: the one-hidden-layer MLP with weight decay as one fused PyTorch operator.
+
+    o, s = mlp_ext.fused_mlp(x, w1, w2, b1, b2, activation="relu", weight_decay=1e-4)
+
+computes o = phi(x W1^T + b1) W2^T + b2 and s = weight_decay/2 (||W1||^2 + ||W2||^2)
+in one operator call and one autograd node. See README.md.
+"""
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.mlp_ext)
+from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
+from . import reference
+from .functional import ACTIVATIONS, fused_mlp
+from .modules import FusedMLP
+
+__all__ = ["ACTIVATIONS", "FusedMLP", "fused_mlp", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""The functional entry point, fused_mlp."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+
+_fused_mlp = torch.ops.mlp_ext.fused_mlp.default
+
+
+def fused_mlp(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Optional[Tensor] = None,
+    b2: Optional[Tensor] = None,
+    *,
+    activation: str = "relu",
+    weight_decay: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
+    """One-hidden-layer MLP with weight decay, fused into one operator.
+
+    Args:
+        x: input of shape (*, in_features).
+        w1: (hidden_features, in_features);  w2: (out_features, hidden_features).
+        b1: (hidden_features,) or None;  b2: (out_features,) or None.
+        activation: one of ``mlp_ext.ACTIVATIONS``.
+        weight_decay: lambda >= 0 of the L2 term s.
+
+    Returns:
+        (o, s): o = phi(x w1^T + b1) w2^T + b2 of shape (*, out_features), contiguous,
+        and the 0-dim s = weight_decay / 2 * (||w1||^2 + ||w2||^2). Both are
+        differentiable; add s to the loss to train with weight decay.
+    """
+    return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=weight_decay)

@@ -1,0 +1,126 @@
+"""FusedMLP: a drop-in for nn.Sequential(nn.Linear, activation, nn.Linear)."""
+import copy
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .functional import ACTIVATIONS, fused_mlp
+
+# Activation name <-> the nn module of a Sequential.
+_MODULES = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": lambda: nn.GELU(approximate="none"),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+}
+
+
+def _activation_name(module: nn.Module) -> str:
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    for name, cls in (("identity", nn.Identity), ("relu", nn.ReLU), ("sigmoid", nn.Sigmoid),
+                      ("tanh", nn.Tanh), ("silu", nn.SiLU)):
+        if type(module) is cls:
+            return name
+    raise ValueError(
+        f"FusedMLP.from_sequential: unsupported activation module {module!r}; expected one of "
+        "nn.Identity, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU")
+
+
+class FusedMLP(nn.Module):
+    """Linear(in, hidden) -> activation -> Linear(hidden, out) as one fused operator.
+
+    The layers are ``fc1`` and ``fc2`` (nn.Linear, initialized exactly as
+    nn.Linear is), so parameters are ``fc1.weight``, ``fc1.bias``,
+    ``fc2.weight`` and ``fc2.bias``. ``mlp(x)`` returns o for x of shape
+    (*, in_features); ``mlp(x, return_penalty=True)`` returns (o, s) with the
+    L2 term s = weight_decay/2 (||fc1.weight||^2 + ||fc2.weight||^2) from the
+    same fused call, to be added to the loss::
+
+        o, s = mlp(x, return_penalty=True)
+        loss = F.cross_entropy(o, y) + s      # J = L + s
+        loss.backward()                       # gradients of J, decay included
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        *,
+        activation: str = "relu",
+        bias: bool = True,
+        weight_decay: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"FusedMLP: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        if not (weight_decay >= 0 and weight_decay != float("inf")):
+            raise ValueError(f"FusedMLP: expected weight_decay to be a finite number >= 0, got {weight_decay}")
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
+        self.activation = activation
+        self.weight_decay = float(weight_decay)
+
+    @property
+    def in_features(self) -> int:
+        return self.fc1.in_features
+
+    @property
+    def hidden_features(self) -> int:
+        return self.fc1.out_features
+
+    @property
+    def out_features(self) -> int:
+        return self.fc2.out_features
+
+    def forward(self, x: Tensor, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        o, s = fused_mlp(
+            x, self.fc1.weight, self.fc2.weight, self.fc1.bias, self.fc2.bias,
+            activation=self.activation, weight_decay=self.weight_decay)
+        return (o, s) if return_penalty else o
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+                f"out_features={self.out_features}, activation={self.activation!r}, "
+                f"bias={self.fc1.bias is not None}, weight_decay={self.weight_decay}")
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential, *, weight_decay: float = 0.0,
+                        copy_weights: bool = False) -> "FusedMLP":
+        """FusedMLP of nn.Sequential(nn.Linear, activation, nn.Linear).
+
+        The Linear modules are shared with ``seq`` (training one trains the
+        other) unless ``copy_weights=True``, which deep-copies them.
+        """
+        if not (isinstance(seq, nn.Sequential) and len(seq) == 3
+                and isinstance(seq[0], nn.Linear) and isinstance(seq[2], nn.Linear)):
+            raise ValueError(f"FusedMLP.from_sequential: expected nn.Sequential(nn.Linear, activation, "
+                             f"nn.Linear), got {seq!r}")
+        fc1, act, fc2 = seq
+        if fc1.out_features != fc2.in_features:
+            raise ValueError(f"FusedMLP.from_sequential: seq[0].out_features = {fc1.out_features} does "
+                             f"not match seq[2].in_features = {fc2.in_features}")
+        if (fc1.bias is None) != (fc2.bias is None):
+            raise ValueError("FusedMLP.from_sequential: both Linear layers must have a bias, or neither")
+        if copy_weights:
+            fc1, fc2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        mlp.fc1, mlp.fc2 = fc1, fc2
+        mlp.activation = _activation_name(act)
+        mlp.weight_decay = float(weight_decay)
+        return mlp
+
+    def to_sequential(self, *, copy_weights: bool = False) -> nn.Sequential:
+        """The equivalent nn.Sequential; its Linear layers are this module's own
+        (shared) unless ``copy_weights=True``. Weight decay is not part of it."""
+        fc1, fc2 = (copy.deepcopy(self.fc1), copy.deepcopy(self.fc2)) if copy_weights else (self.fc1, self.fc2)
+        return nn.Sequential(fc1, _MODULES[self.activation](), fc2)
