@@ -249,6 +249,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, h});
     ctx->saved_data["activation"] = static_cast<int64_t>(parse_activation(activation));
     ctx->saved_data["weight_decay"] = weight_decay;
+    ctx->saved_data["has_b2"] = b2.has_value();
     ctx->set_materialize_grads(false);
     return {o, s};
   }
@@ -260,9 +261,12 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
     const auto act = static_cast<Activation>(ctx->saved_data["activation"].toInt());
     const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
     const Tensor &grad_o = grads[0], &grad_s = grads[1];
+    // needs_input_grad counts only the tensors given: an absent b1 shifts b2.
+    const bool has_b2 = ctx->saved_data["has_b2"].toBool();
+    const size_t b2_edge = b1.defined() ? 4 : 3;
     const std::array<bool, 5> mask = {
         ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
-        ctx->needs_input_grad(3), ctx->needs_input_grad(4)};
+        b1.defined() && ctx->needs_input_grad(3), has_b2 && ctx->needs_input_grad(b2_edge)};
 
     Tensor dx, dw1, dw2, db1, db2;
     if (at::GradMode::is_enabled()) {
