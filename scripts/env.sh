@@ -1,0 +1,42 @@
+# Set-up shared by the README's two commands (sourced by test.sh and benchmark.sh).
+# Idempotent: a local virtual environment (.venv), torch in it (an importable
+# torch is reused; otherwise the CPU build of torch 2.13.0, never a CUDA
+# download), the project's tools, and the build of the operator.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${MLP_EXT_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_CPU="torch==2.13.0+cpu"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    # The venv sees the interpreter's packages, so its torch (CUDA or not) is kept.
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "mlp_ext: installing the CPU build of torch 2.13.0 into $VENV" >&2
+  # A local wheel or mirror first; then PyTorch's CPU index (PyPI's Linux
+  # torch is the multi-GB CUDA build).
+  pip_install "$TORCH_CPU" 2>/dev/null ||
+    pip_install "$TORCH_CPU" --index-url https://download.pytorch.org/whl/cpu \
+      --extra-index-url https://pypi.org/simple
+fi
+
+# Tools; none of them depends on torch, so none can replace the one above.
+"$PY" -c "import ninja, pytest, numpy, matplotlib, tqdm, sklearn" 2>/dev/null ||
+  pip_install ninja pytest numpy matplotlib tqdm scikit-learn setuptools wheel
+
+# (Re)build when a source is newer than the built library.
+so=$(ls "$ROOT"/mlp_ext/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" -print -quit)" ] ||
+  ! (cd "$ROOT" && "$PY" -c "import mlp_ext" 2>/dev/null); then
+  echo "mlp_ext: building the operator" >&2
+  (cd "$ROOT" && pip_install --no-build-isolation -e .)
+fi
+cd "$ROOT"
