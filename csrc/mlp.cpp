@@ -171,7 +171,7 @@ BackwardResult fused_mlp_backward(
     const Tensor& w1,
     const Tensor& w2,
     const Tensor& z,
-    const Tensor& h,
+    const std::optional<Tensor>& h,
     std::string_view activation,
     double weight_decay,
     std::array<bool, 5> output_mask) {
@@ -187,7 +187,17 @@ BackwardResult fused_mlp_backward(
 
   Tensor dx, dw1, dw2, db1, db2;
   if (need_dw2) {
-    dw2 = weight_gradient(g_o, h, w2, grad_s, weight_decay);
+    Tensor hidden;
+    if (h) {
+      hidden = *h;
+    } else {
+      // save_hidden=False: H = phi(Z) again, by the forward's own kernel (bitwise the
+      // same H); without b1 the kernel leaves z as it is.
+      Tensor z_contiguous = z.contiguous();
+      hidden = at::empty_like(z_contiguous);
+      kernels.bias_activation(z_contiguous, hidden, std::nullopt, act);
+    }
+    dw2 = weight_gradient(g_o, hidden, w2, grad_s, weight_decay);
   }
   if (need_db2) {
     db2 = g_o.sum(0);
@@ -227,7 +237,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // Saved for backward: x, w1, w2, b1 (if given; read only for second
-// derivatives), and the intermediates z and h of the forward.
+// derivatives), and the intermediates z and h of the forward (z only when
+// save_hidden is false: the backward then recomputes h = phi(z)).
 class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
  public:
   static variable_list forward(
@@ -238,7 +249,8 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       const std::optional<Tensor>& b1,
       const std::optional<Tensor>& b2,
       std::string_view activation,
-      double weight_decay) {
+      double weight_decay,
+      bool save_hidden) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
                          .typed<ForwardResult(
@@ -246,7 +258,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
                              const std::optional<Tensor>&, const std::optional<Tensor>&,
                              c10::string_view, double)>();
     auto [o, s, z, h] = op.call(x, w1, w2, b1, b2, activation, weight_decay);
-    ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, h});
+    ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor()});
     ctx->saved_data["activation"] = static_cast<int64_t>(parse_activation(activation));
     ctx->saved_data["weight_decay"] = weight_decay;
     ctx->saved_data["has_b2"] = b2.has_value();
@@ -279,12 +291,14 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
                            .findSchemaOrThrow("mlp_ext::fused_mlp_backward", "")
                            .typed<BackwardResult(
                                const Tensor&, const std::optional<Tensor>&, const Tensor&,
-                               const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                               c10::string_view, double, std::array<bool, 5>)>();
+                               const Tensor&, const Tensor&, const Tensor&,
+                               const std::optional<Tensor>&, c10::string_view, double,
+                               std::array<bool, 5>)>();
       std::tie(dx, dw1, dw2, db1, db2) = op.call(
           grad_o, grad_s.defined() ? std::optional<Tensor>(grad_s) : std::nullopt, x, w1, w2,
-          z, h, kActivationNames[static_cast<size_t>(act)], weight_decay, mask);
-      return {dx, dw1, dw2, db1, db2, Tensor(), Tensor()};
+          z, h.defined() ? std::optional<Tensor>(h) : std::nullopt,
+          kActivationNames[static_cast<size_t>(act)], weight_decay, mask);
+      return {dx, dw1, dw2, db1, db2, Tensor(), Tensor(), Tensor()};
     }
     // Only s reached the loss, or the differentiable path: add g_s * lambda * W.
     if (grad_s.defined() && weight_decay != 0) {
@@ -297,7 +311,7 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
         dw2 = dw2.defined() ? dw2 + decay : decay;
       }
     }
-    return {dx, dw1, dw2, db1, db2, Tensor(), Tensor()};
+    return {dx, dw1, dw2, db1, db2, Tensor(), Tensor(), Tensor()};
   }
 
  private:
@@ -350,8 +364,10 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     c10::string_view activation,
-    double weight_decay) {
-  auto outputs = FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay);
+    double weight_decay,
+    bool save_hidden) {
+  auto outputs =
+      FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
   return {outputs[0], outputs[1]};
 }
 
@@ -360,13 +376,14 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
 TORCH_LIBRARY(mlp_ext, m) {
   m.def(
       "fused_mlp(Tensor x, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None, *, "
-      "str activation=\"relu\", float weight_decay=0.0) -> (Tensor o, Tensor s)");
+      "str activation=\"relu\", float weight_decay=0.0, bool save_hidden=True) -> "
+      "(Tensor o, Tensor s)");
   m.def(
       "fused_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
       "str activation, float weight_decay) -> (Tensor o, Tensor s, Tensor z, Tensor h)");
   m.def(
       "fused_mlp_backward(Tensor grad_o, Tensor? grad_s, Tensor x, Tensor w1, Tensor w2, "
-      "Tensor z, Tensor h, str activation, float weight_decay, bool[5] output_mask) -> "
+      "Tensor z, Tensor? h, str activation, float weight_decay, bool[5] output_mask) -> "
       "(Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
   m.impl("fused_mlp", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(fused_mlp_autograd));
 }

@@ -66,7 +66,7 @@ BackwardResult fused_mlp_backward(
     const Tensor& w1,
     const Tensor& w2,
     const Tensor& z,
-    const Tensor& h,
+    const std::optional<Tensor>& h,  // absent (save_hidden=False): recomputed as phi(z)
     std::string_view activation,
     double weight_decay,
     std::array<bool, 5> output_mask);

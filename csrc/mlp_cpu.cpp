@@ -178,7 +178,7 @@ TORCH_LIBRARY_IMPL(mlp_ext, CPU, m) {
   m.impl(
       "fused_mlp_backward",
       [](const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x,
-         const Tensor& w1, const Tensor& w2, const Tensor& z, const Tensor& h,
+         const Tensor& w1, const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
          c10::string_view activation, double weight_decay, std::array<bool, 5> output_mask) {
         return fused_mlp_backward(
             kCpuKernels, grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay,

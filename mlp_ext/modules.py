@@ -44,6 +44,9 @@ class FusedMLP(nn.Module):
         o, s = mlp(x, return_penalty=True)
         loss = F.cross_entropy(o, y) + s      # J = L + s
         loss.backward()                       # gradients of J, decay included
+
+    ``save_hidden=False`` keeps only z for backward and recomputes h = phi(z)
+    there (less memory, the same gradients bit for bit).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class FusedMLP(nn.Module):
         activation: str = "relu",
         bias: bool = True,
         weight_decay: float = 0.0,
+        save_hidden: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -68,6 +72,7 @@ class FusedMLP(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
         self.activation = activation
         self.weight_decay = float(weight_decay)
+        self.save_hidden = bool(save_hidden)
 
     @property
     def in_features(self) -> int:
@@ -84,17 +89,19 @@ class FusedMLP(nn.Module):
     def forward(self, x: Tensor, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         o, s = fused_mlp(
             x, self.fc1.weight, self.fc2.weight, self.fc1.bias, self.fc2.bias,
-            activation=self.activation, weight_decay=self.weight_decay)
+            activation=self.activation, weight_decay=self.weight_decay,
+            save_hidden=self.save_hidden)
         return (o, s) if return_penalty else o
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
                 f"out_features={self.out_features}, activation={self.activation!r}, "
-                f"bias={self.fc1.bias is not None}, weight_decay={self.weight_decay}")
+                f"bias={self.fc1.bias is not None}, weight_decay={self.weight_decay}"
+                + ("" if self.save_hidden else ", save_hidden=False"))
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, *, weight_decay: float = 0.0,
-                        copy_weights: bool = False) -> "FusedMLP":
+                        save_hidden: bool = True, copy_weights: bool = False) -> "FusedMLP":
         """FusedMLP of nn.Sequential(nn.Linear, activation, nn.Linear).
 
         The Linear modules are shared with ``seq`` (training one trains the
@@ -117,6 +124,7 @@ class FusedMLP(nn.Module):
         mlp.fc1, mlp.fc2 = fc1, fc2
         mlp.activation = _activation_name(act)
         mlp.weight_decay = float(weight_decay)
+        mlp.save_hidden = bool(save_hidden)
         return mlp
 
     def to_sequential(self, *, copy_weights: bool = False) -> nn.Sequential:
