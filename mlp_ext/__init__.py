@@ -5,11 +5,16 @@
 computes o = phi(x W1^T + b1) W2^T + b2 and s = weight_decay/2 (||W1||^2 + ||W2||^2)
 in one operator call and one autograd node. See README.md.
 """
+import torch  # noqa: F401  (first: _C links against torch's libraries)
+
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.mlp_ext)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
 from . import reference
 from .functional import ACTIVATIONS, fused_mlp
+from .loss import fused_mlp_loss
+from .memory import MemoryFootprint, memory_footprint
 from .modules import FusedMLP
 
-__all__ = ["ACTIVATIONS", "FusedMLP", "fused_mlp", "reference"]
+__all__ = ["ACTIVATIONS", "FusedMLP", "MemoryFootprint", "fused_mlp", "fused_mlp_loss",
+           "memory_footprint", "reference"]
 __version__ = "0.1.0"
