@@ -355,6 +355,10 @@ std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
     c10::string_view loss,
     c10::string_view reduction,
     bool save_hidden) {
+  // Checked before dispatch too: a target on another device would otherwise pick the kernel.
+  TORCH_CHECK(
+      target.device() == x.device(), "fused_mlp_loss: expected target on the device of x (",
+      x.device(), "), but got target on ", target.device());
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(target.requires_grad() && at::GradMode::is_enabled()),
       "fused_mlp_loss: gradients with respect to target are not supported (target requires "

@@ -64,6 +64,9 @@ def _fused_mlp_loss_forward_fake(x, target, w1, w2, b1, b2, activation, weight_d
     torch._check(w1.dim() == 2 and w2.dim() == 2, lambda: "fused_mlp_loss: w1 and w2 must be 2-D")
     torch._check(x.shape[-1] == w1.shape[1], lambda: "fused_mlp_loss: x.shape[-1] != w1.shape[1]")
     torch._check(w2.shape[1] == w1.shape[0], lambda: "fused_mlp_loss: w2.shape[1] != w1.shape[0]")
+    torch._check(target.device == x.device,
+                 lambda: f"fused_mlp_loss: expected target on the device of x ({x.device}), "
+                         f"but got target on {target.device}")
     o_shape = (*x.shape[:-1], w2.shape[0])
     expected = x.shape[:-1] if not target.dtype.is_floating_point else o_shape
     torch._check(tuple(target.shape) == tuple(expected),
