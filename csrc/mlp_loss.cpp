@@ -95,6 +95,7 @@ void check_class_indices(const Tensor& indices, int64_t classes) {
 
 using LossForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // J, o, dL/do, z, h
 
+// J = L + s, o, and (with keep_gradient) dL/do; without it dL/do is an empty tensor.
 LossForwardResult fused_mlp_loss_forward(
     const Tensor& x,
     const Tensor& target,
@@ -105,7 +106,8 @@ LossForwardResult fused_mlp_loss_forward(
     c10::string_view activation,
     double weight_decay,
     c10::string_view loss_name,
-    c10::string_view reduction_name) {
+    c10::string_view reduction_name,
+    bool keep_gradient) {
   const Loss loss = parse_loss(loss_name);
   const Reduction reduction = parse_reduction(reduction_name);
   static auto forward = c10::Dispatcher::singleton()
@@ -118,38 +120,50 @@ LossForwardResult fused_mlp_loss_forward(
   check_target(target, x, o.sizes(), loss);
 
   const int64_t n = z.size(0), classes = w2.size(0);
+  const bool mean = reduction == Reduction::Mean;
   // Half-precision outputs take their loss in float32, as torch's losses do.
   const bool widen = o.scalar_type() == at::kHalf || o.scalar_type() == at::kBFloat16;
   const Tensor o2d = widen ? o.view({n, classes}).to(at::kFloat) : o.view({n, classes});
-  Tensor loss_value, dloss_do;  // L (0-dim) and dL/do (n x classes), before the reduction
-  int64_t count = n;            // what "mean" divides by
+  Tensor loss_value;  // L, 0-dim
+  Tensor dloss_do;    // dL/do, n x classes
   if (loss == Loss::CrossEntropy) {
     Tensor log_p = at::log_softmax(o2d, 1);
     if (!at::isFloatingType(target.scalar_type())) {
-      const Tensor t = target.reshape({n, 1});
+      const Tensor t = target.reshape({n});
       check_class_indices(t, classes);
-      loss_value = log_p.gather(1, t).sum().neg_();
-      // softmax(o) - onehot(t), in the buffer of log softmax.
-      dloss_do = log_p.exp_().scatter_add_(1, t, at::full({n, 1}, -1.0, log_p.options()));
+      loss_value = at::nll_loss(log_p, t, {}, mean ? at::Reduction::Mean : at::Reduction::Sum);
+      if (keep_gradient) {  // softmax(o) - onehot(t), in the buffer of log softmax
+        dloss_do = log_p.exp_().scatter_add_(
+            1, t.view({n, 1}), at::full({n, 1}, -1.0, log_p.options()));
+      }
     } else {
       const Tensor t = target.reshape({n, classes}).to(o2d.scalar_type());
-      loss_value = (log_p * t).sum().neg_();
-      // d/do of -sum_j t_j log softmax(o)_j = softmax(o) sum_j t_j - t.
-      dloss_do = log_p.exp_().mul_(t.sum(1, /*keepdim=*/true)).sub_(t);
+      loss_value = at::dot(log_p.view(-1), t.reshape(-1)).neg_();
+      if (mean) {
+        loss_value.div_(static_cast<double>(n));  // 0 / 0 = nan for an empty batch, as torch
+      }
+      if (keep_gradient) {  // d/do of -sum_j t_j log softmax(o)_j = softmax(o) sum_j t_j - t
+        dloss_do = log_p.exp_().mul_(t.sum(1, /*keepdim=*/true)).sub_(t);
+      }
+    }
+    if (keep_gradient && mean) {
+      dloss_do.div_(static_cast<double>(n));
     }
   } else {
     Tensor diff = o2d - target.reshape({n, classes}).to(o2d.scalar_type());
     const Tensor flat = diff.view(-1);
     loss_value = at::dot(flat, flat);
-    dloss_do = diff.mul_(2);
-    count = n * classes;
+    const double count = mean ? static_cast<double>(n * classes) : 1.0;
+    if (mean) {
+      loss_value.div_(count);
+    }
+    if (keep_gradient) {
+      dloss_do = diff.mul_(2.0 / count);
+    }
   }
-  if (reduction == Reduction::Mean) {
-    loss_value = loss_value / static_cast<double>(count);  // 0 / 0 = nan for an empty batch, as torch
-    dloss_do.div_(static_cast<double>(count));
-  }
-  const Tensor objective = (loss_value.to(o.scalar_type()) + s);
-  return {objective, o, dloss_do.to(o.scalar_type()), z, h};
+  const Tensor objective = loss_value.to(o.scalar_type()).add_(s);
+  dloss_do = keep_gradient ? dloss_do.to(o.scalar_type()) : at::empty({0}, o.options());
+  return {objective, o, dloss_do, z, h};
 }
 
 using LossBackwardSignature = BackwardResult(
@@ -213,9 +227,11 @@ class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFuncti
                          .typed<LossForwardResult(
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              const std::optional<Tensor>&, const std::optional<Tensor>&,
-                             c10::string_view, double, c10::string_view, c10::string_view)>();
-    auto [objective, o, dloss_do, z, h] =
-        op.call(x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction);
+                             c10::string_view, double, c10::string_view, c10::string_view,
+                             bool)>();
+    auto [objective, o, dloss_do, z, h] = op.call(
+        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
+        /*keep_gradient=*/true);
     ctx->save_for_backward(
         {dloss_do, x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor(), target,
          b2.value_or(Tensor())});
@@ -363,6 +379,25 @@ std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
       !(target.requires_grad() && at::GradMode::is_enabled()),
       "fused_mlp_loss: gradients with respect to target are not supported (target requires "
       "grad); detach it, or use fused_mlp with torch's loss");
+  const auto requires_grad = [](const std::optional<Tensor>& t) {
+    return t && t->requires_grad();
+  };
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || w1.requires_grad() || w2.requires_grad() || requires_grad(b1) ||
+        requires_grad(b2))) {
+    // No gradient to come (evaluation): the forward op alone, without forming dL/do.
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mlp_ext::fused_mlp_loss_forward", "")
+                         .typed<LossForwardResult(
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             const std::optional<Tensor>&, const std::optional<Tensor>&,
+                             c10::string_view, double, c10::string_view, c10::string_view,
+                             bool)>();
+    auto result = op.call(
+        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
+        /*keep_gradient=*/false);
+    return {std::get<0>(result), std::get<1>(result)};
+  }
   auto outputs = FusedMLPLossFunction::apply(
       x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction, save_hidden);
   return {outputs[0], outputs[1]};
@@ -378,7 +413,8 @@ TORCH_LIBRARY_FRAGMENT(mlp_ext, m) {
       "(Tensor J, Tensor o)");
   m.def(
       "fused_mlp_loss_forward(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1, "
-      "Tensor? b2, str activation, float weight_decay, str loss, str reduction) -> "
+      "Tensor? b2, str activation, float weight_decay, str loss, str reduction, "
+      "bool keep_gradient) -> "
       "(Tensor J, Tensor o, Tensor dloss_do, Tensor z, Tensor h)");
   m.def(
       "fused_mlp_loss_backward(Tensor? grad_J, Tensor? grad_o, Tensor dloss_do, Tensor x, "

@@ -59,7 +59,7 @@ def fused_mlp_loss(
 
 @torch.library.register_fake("mlp_ext::fused_mlp_loss_forward")
 def _fused_mlp_loss_forward_fake(x, target, w1, w2, b1, b2, activation, weight_decay, loss,
-                                 reduction):
+                                 reduction, keep_gradient):
     torch._check(x.dim() >= 1, lambda: "fused_mlp_loss: expected x with at least 1 dimension")
     torch._check(w1.dim() == 2 and w2.dim() == 2, lambda: "fused_mlp_loss: w1 and w2 must be 2-D")
     torch._check(x.shape[-1] == w1.shape[1], lambda: "fused_mlp_loss: x.shape[-1] != w1.shape[1]")
@@ -76,7 +76,8 @@ def _fused_mlp_loss_forward_fake(x, target, w1, w2, b1, b2, activation, weight_d
     for size in x.shape[:-1]:
         n *= size
     hidden = (n, w1.shape[0])
-    return (x.new_empty(()), x.new_empty(o_shape), x.new_empty((n, w2.shape[0])),
+    dloss_do = x.new_empty((n, w2.shape[0]) if keep_gradient else (0,))
+    return (x.new_empty(()), x.new_empty(o_shape), dloss_do,
             x.new_empty(hidden), x.new_empty(hidden))
 
 

@@ -194,6 +194,8 @@ def test_opcheck(device, loss, kind, bias):
             {"activation": "tanh", "weight_decay": 0.1, "loss": loss, "reduction": "sum"})
     plain = [None if t is None else t.detach() for t in (x, w1, w2, b1, b2)]
     forward_args = (plain[0], target, *plain[1:], "tanh", 0.1, loss, "mean")
+    opcheck(OPS.fused_mlp_loss_forward.default, (*forward_args, False))
+    forward_args = (*forward_args, True)
     opcheck(OPS.fused_mlp_loss_forward.default, forward_args)
     _, _, dloss_do, z, h = OPS.fused_mlp_loss_forward(*forward_args)
     for grad_J, grad_o in [(torch.tensor(2.0, device=device), None),
@@ -299,3 +301,24 @@ def test_target_requiring_grad_is_refused():
     with torch.no_grad():
         _call(target, loss="mse")  # fine without autograd
     _call(target.detach(), loss="mse")
+
+
+@pytest.mark.parametrize("loss,kind", TARGETS)
+def test_evaluation_does_not_form_the_gradient(loss, kind):
+    """Without autograd (no_grad, or nothing requires grad) the same J and o, and dL/do is
+    not formed."""
+    inputs = make_inputs(batch_shape=(8,), dtype=torch.float32)
+    target = make_target(kind, (8,), 3, dtype=torch.float32)
+    J, o = mlp_ext.fused_mlp_loss(inputs[0], target, *inputs[1:], loss=loss, weight_decay=0.1,
+                                  return_output=True)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        J_eval, o_eval = mlp_ext.fused_mlp_loss(inputs[0], target, *inputs[1:], loss=loss,
+                                                weight_decay=0.1, return_output=True)
+    assert torch.equal(J, J_eval) and torch.equal(o, o_eval) and not J_eval.requires_grad
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts["mlp_ext::fused_mlp_loss_forward"] == 1
+    assert not {"aten::exp_", "aten::scatter_add_", "aten::mul_"} & set(counts), counts
+    detached = [t.detach() for t in inputs]
+    J_plain = mlp_ext.fused_mlp_loss(detached[0], target, *detached[1:], loss=loss,
+                                     weight_decay=0.1)
+    assert torch.equal(J, J_plain) and J_plain.grad_fn is None
