@@ -322,3 +322,23 @@ def test_evaluation_does_not_form_the_gradient(loss, kind):
     J_plain = mlp_ext.fused_mlp_loss(detached[0], target, *detached[1:], loss=loss,
                                      weight_decay=0.1)
     assert torch.equal(J, J_plain) and J_plain.grad_fn is None
+
+
+@pytest.mark.parametrize("which", ["b1 only", "b2 only"])
+def test_one_bias_only(which):
+    """needs_input_grad skips absent biases: b2 is the 5th tensor without b1."""
+    x, w1, w2, b1, b2 = make_inputs()
+    b1, b2 = (b1, None) if which == "b1 only" else (None, b2)
+    target = make_target("indices", (5,), 3)
+    inputs = [t for t in (x, w1, w2, b1, b2) if t is not None]
+
+    def f(x, w1, w2, bias):
+        biases = (bias, None) if which == "b1 only" else (None, bias)
+        return mlp_ext.fused_mlp_loss(x, target, w1, w2, *biases, activation="tanh",
+                                      weight_decay=0.1)
+
+    assert gradcheck(f, inputs) and gradgradcheck(f, inputs)
+    J = mlp_ext.fused_mlp_loss(x, target, w1, w2, b1, b2, activation="tanh", weight_decay=0.1)
+    J_ref, _ = composition(x, target, w1, w2, b1, b2, activation="tanh", weight_decay=0.1)
+    for a, b in zip(torch.autograd.grad(J, inputs), torch.autograd.grad(J_ref, inputs)):
+        torch.testing.assert_close(a, b)

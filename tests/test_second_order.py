@@ -268,3 +268,17 @@ def test_cost_of_the_second_order_graph(record_property):
           f"backward saves {second_order_bytes:,} B in {second_count} tensors; "
           f"forward+backward {1e3 * t_first:.3f} ms, forward+HVP {1e3 * t_hvp:.3f} ms "
           f"({t_hvp / t_first:.1f}x)")
+
+
+@pytest.mark.parametrize("which", ["b1 only", "b2 only"])
+def test_gradgradcheck_with_one_bias(which):
+    x, w1, w2, b1, b2 = make_inputs()
+    if which == "b1 only":
+        def f(x, w1, w2, b1):
+            return mlp_ext.fused_mlp(x, w1, w2, b1, None, activation="gelu", weight_decay=0.1)
+        inputs = (x, w1, w2, b1)
+    else:
+        def f(x, w1, w2, b2):
+            return mlp_ext.fused_mlp(x, w1, w2, None, b2, activation="gelu", weight_decay=0.1)
+        inputs = (x, w1, w2, b2)
+    assert gradgradcheck(f, inputs)
