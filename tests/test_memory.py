@@ -221,3 +221,13 @@ def test_footprint_formula_and_errors():
         mlp_ext.memory_footprint(32, 784, 256, 10, dtype=torch.int64)
     with pytest.raises(TypeError, match="floating torch.dtype"):
         mlp_ext.memory_footprint(32, 784, 256, 10, dtype="float32")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_fused_mlp_without_saved_h(bias):
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    w1, w2 = torch.randn(7, 5, requires_grad=True), torch.randn(3, 7, requires_grad=True)
+    b1, b2 = (torch.randn(7, requires_grad=True), torch.randn(3, requires_grad=True)) if bias \
+        else (None, None)
+    torch.library.opcheck(torch.ops.mlp_ext.fused_mlp.default, (x, w1, w2, b1, b2),
+                          {"activation": "gelu_tanh", "weight_decay": 0.1, "save_hidden": False})
