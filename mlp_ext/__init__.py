@@ -5,6 +5,8 @@
 computes o = phi(x W1^T + b1) W2^T + b2 and s = weight_decay/2 (||W1||^2 + ||W2||^2)
 in one operator call and one autograd node. See README.md.
 """
+import torch  # noqa: F401  (first: it loads the libraries _C links against)
+
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.mlp_ext)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
 from . import reference
