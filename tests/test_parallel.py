@@ -9,8 +9,10 @@ that scenario.
 """
 import contextlib
 import copy
+import importlib.util
 import traceback
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,8 +235,27 @@ def ddp_training_steps(rank, world):
         assert_close(p, q, msg=lambda m: f"{name} after 4 SGD-momentum steps\n{m}")
 
 
+def tradeoff_formulas_match_a_real_step(rank, world):
+    """benchmarks/parallel_tradeoff.py's per-rank formulas (the largest rank)
+    equal what a real step saves and communicates, uneven splits included."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_tradeoff.py"
+    spec = importlib.util.spec_from_file_location("parallel_tradeoff", path)
+    tradeoff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tradeoff)
+    sizes = [("tiny", 12, 5, 7, 3), ("tiny, fewer hidden units than ranks", 10, 4, world - 1, 2)]
+    measured = [None] * world
+    dist.all_gather_object(measured, tradeoff._measure_rank(rank, world, sizes, "float64"))
+    for i, (name, n, d, h, q) in enumerate(sizes):
+        for j, mode in enumerate(("tensor parallel", "data parallel")):
+            rows = [per_rank[2 * i + j] for per_rank in measured]
+            assert {row["mode"] for row in rows} == {mode}
+            want = vars(tradeoff.analytic(mode, n, d, h, q, world, itemsize=8))
+            got = {key: max(row[key] for row in rows) for key in want}
+            assert got == want, (name, mode, got, want)
+
+
 SCENARIOS = [tp_matches_single_device, tp_double_backward, tp_shard_and_gather, tp_training_steps,
-             ddp_training_steps]
+             ddp_training_steps, tradeoff_formulas_match_a_real_step]
 
 
 def run_scenarios(rank, world):
