@@ -241,6 +241,9 @@ class TensorParallelFusedMLP(nn.Module):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        if self.rank < 0:
+            raise ValueError(f"TensorParallelFusedMLP: this process (global rank {dist.get_rank()}) is not "
+                             "a member of the given group")
         fingerprints = [None] * self.world_size
         dist.all_gather_object(fingerprints, _fingerprint(mlp), group=group)
         if any(f != fingerprints[0] for f in fingerprints):
@@ -259,10 +262,9 @@ class TensorParallelFusedMLP(nn.Module):
         def part(t: Optional[Tensor]) -> Optional[Tensor]:
             return None if t is None else t.detach().to(device, copy=True, memory_format=torch.contiguous_format)
 
-        with torch.no_grad():
-            self.fc1 = _linear(part(mlp.fc1.weight[lo:hi]), part(mlp.fc1.bias[lo:hi] if mlp.fc1.bias is not None else None),
-                               requires_grad)
-            self.fc2 = _linear(part(mlp.fc2.weight[:, lo:hi]), part(mlp.fc2.bias), requires_grad)
+        b1 = None if mlp.fc1.bias is None else mlp.fc1.bias[lo:hi]
+        self.fc1 = _linear(part(mlp.fc1.weight[lo:hi]), part(b1), requires_grad)
+        self.fc2 = _linear(part(mlp.fc2.weight[:, lo:hi]), part(mlp.fc2.bias), requires_grad)  # b2 whole
 
     def forward(self, x: Tensor, return_penalty: bool = False):
         o, s = tensor_parallel_fused_mlp(
