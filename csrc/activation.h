@@ -38,8 +38,9 @@ struct Math {
   MLP_HOST_DEVICE static V erf(V x) { return std::erf(x); }
   // Written so that NaN propagates (torch.relu(nan) is nan; fmax would give 0).
   MLP_HOST_DEVICE static V relu(V x) { return x < V(0) ? V(0) : x; }
-  // relu'(z) as torch defines it: 0 at z = 0 and at NaN.
-  MLP_HOST_DEVICE static V step(V x) { return x > V(0) ? V(1) : V(0); }
+  // relu'(z) as torch's threshold_backward defines it: 0 for z <= 0, else 1
+  // (so 1 at NaN, where the incoming gradient passes through).
+  MLP_HOST_DEVICE static V step(V x) { return x <= V(0) ? V(0) : V(1); }
 };
 
 template <Activation A>

@@ -20,7 +20,7 @@ struct Math<at::vec::Vectorized<T>> {
   static V tanh(V x) { return x.tanh(); }
   static V erf(V x) { return x.erf(); }
   static V relu(V x) { return at::vec::maximum(x, V(T(0))); }  // propagates NaN
-  static V step(V x) { return V::blendv(V(T(0)), V(T(1)), x > V(T(0))); }
+  static V step(V x) { return V::blendv(V(T(1)), V(T(0)), x <= V(T(0))); }
 };
 
 namespace {

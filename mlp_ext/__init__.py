@@ -5,7 +5,7 @@
 computes o = phi(x W1^T + b1) W2^T + b2 and s = weight_decay/2 (||W1||^2 + ||W2||^2)
 in one operator call and one autograd node. See README.md.
 """
-import torch  # noqa: F401  (first: _C links against torch's libraries)
+import torch  # noqa: F401  (first: _C links against libtorch/libc10, which torch loads)
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.mlp_ext)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
@@ -18,3 +18,13 @@ from .modules import FusedMLP
 __all__ = ["ACTIVATIONS", "FusedMLP", "MemoryFootprint", "fused_mlp", "fused_mlp_loss",
            "memory_footprint", "reference"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # mlp_ext.parallel (torch.distributed) is imported on first use, so that
+    # `import mlp_ext` works on torch builds without distributed support.
+    if name == "parallel":
+        import importlib
+
+        return importlib.import_module(".parallel", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,7 +32,7 @@ def _gelu_tanh_derivative(z: Tensor) -> Tensor:
 # phi'(z), written out by hand.
 _PHI_DERIVATIVE = {
     "identity": lambda z: torch.ones_like(z),
-    "relu": lambda z: (z > 0).to(z.dtype),
+    "relu": lambda z: (~(z <= 0)).to(z.dtype),  # torch's convention: 1 at NaN
     "sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
     "tanh": lambda z: 1 - torch.tanh(z) ** 2,
     "gelu": lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))

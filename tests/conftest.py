@@ -1,0 +1,31 @@
+"""Shared fixtures: the devices this run has, and random MLP inputs."""
+import pytest
+import torch
+
+import mlp_ext
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=mlp_ext.ACTIVATIONS)
+def activation(request):
+    return request.param
+
+
+def make_inputs(n=5, d=4, h=6, q=3, *, bias=True, dtype=torch.float64, device="cpu",
+                batch_shape=None, requires_grad=True, generator=None):
+    """Fresh random (x, w1, w2, b1, b2); x has shape (*batch_shape, d) or (n, d)."""
+    shape = (*batch_shape, d) if batch_shape is not None else (n, d)
+
+    def rand(*size):
+        t = torch.randn(*size, dtype=dtype, device=device, generator=generator)
+        return t.requires_grad_(requires_grad)
+
+    x, w1, w2 = rand(*shape), rand(h, d), rand(q, h)
+    b1, b2 = (rand(h), rand(q)) if bias else (None, None)
+    return x, w1, w2, b1, b2
