@@ -9,25 +9,11 @@ from torch.library import opcheck
 import mlp_ext
 from mlp_ext.memory import saved_for_backward
 
+from conftest import make_inputs
+
 OPS = torch.ops.mlp_ext
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (loss, kind of target): cross-entropy takes class indices or class probabilities.
 TARGETS = [("cross_entropy", "indices"), ("cross_entropy", "probabilities"), ("mse", "values")]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
-def make_inputs(batch_shape=(5,), d=4, h=6, q=3, *, bias=True, dtype=torch.float64,
-                device="cpu", requires_grad=True):
-    def rand(*size):
-        return torch.randn(*size, dtype=dtype, device=device).requires_grad_(requires_grad)
-
-    x, w1, w2 = rand(*batch_shape, d), rand(h, d), rand(q, h)
-    b1, b2 = (rand(h), rand(q)) if bias else (None, None)
-    return x, w1, w2, b1, b2
 
 
 def make_target(kind, batch_shape, q, *, dtype=torch.float64, device="cpu"):

@@ -15,22 +15,7 @@ from torch.autograd import gradgradcheck
 import mlp_ext
 from mlp_ext import reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
-
-
-def make_inputs(batch_shape=(5,), d=4, h=6, q=3, *, bias=True, dtype=torch.float64,
-                device="cpu", requires_grad=True):
-    def rand(*size):
-        return torch.randn(*size, dtype=dtype, device=device).requires_grad_(requires_grad)
-
-    x, w1, w2 = rand(*batch_shape, d), rand(h, d), rand(q, h)
-    b1, b2 = (rand(h), rand(q)) if bias else (None, None)
-    return x, w1, w2, b1, b2
+from conftest import make_inputs
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
