@@ -63,5 +63,5 @@ setup(
     # installed (--no-build-isolation), and a requirement here could pull a
     # different multi-GB build over the user's own.
     install_requires=[],
-    extras_require={"test": ["pytest", "numpy"], "bench": ["matplotlib", "tqdm"]},
+    extras_require={"test": ["pytest", "numpy", "graphviz"], "bench": ["matplotlib", "tqdm"]},
 )

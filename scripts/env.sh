@@ -29,8 +29,16 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 
 # Tools; none of them depends on torch, so none can replace the one above.
-"$PY" -c "import ninja, pytest, numpy, matplotlib, tqdm, sklearn" 2>/dev/null ||
-  pip_install ninja pytest numpy matplotlib tqdm scikit-learn setuptools wheel
+"$PY" -c "import ninja, pytest, numpy, matplotlib, tqdm, sklearn, graphviz" 2>/dev/null ||
+  pip_install ninja pytest numpy matplotlib tqdm scikit-learn graphviz setuptools wheel
+
+# Graphviz's `dot` draws `python -m mlp_ext.graph` (tests/test_graph.py); installed only when missing.
+if ! command -v dot >/dev/null 2>&1; then
+  echo "mlp_ext: installing graphviz (dot)" >&2
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  $SUDO apt-get install -y -q --no-install-recommends graphviz >/dev/null 2>&1 ||
+    { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends graphviz >/dev/null; }
+fi
 
 # (Re)build when a source is newer than the built library.
 so=$(ls "$ROOT"/mlp_ext/_C*.so 2>/dev/null | head -n 1 || true)
