@@ -1,0 +1,199 @@
+"""Compile check of the CUDA operator on a machine without a GPU (run by check_cuda.sh).
+
+Every csrc/cuda/*.cu is compiled to an object with nvcc for sm_90, and every
+csrc/cuda/*.cpp with the host compiler, each with the flags torch's
+CUDAExtension gives it (torch.utils.cpp_extension's COMMON_NVCC_FLAGS, arch
+flags and include paths, setup.py's extra flags), once as C++17 (torch <= 2.12
+builds extensions so) and once as C++20 (torch >= 2.13). Then every
+mlp_ext::gpu symbol that the .cpp objects use must be defined by the .cu
+objects, or importing the real build would fail on the GPU machine.
+
+A CPU build of torch ships the c10/cuda headers without the header that its CMake
+generates for them (c10/cuda/impl/cuda_cmake_macros.h); the check writes it, as
+that CMake would, into a temporary include directory.
+
+Exit status 0 only when everything compiles; compiler output is shown as is.
+"""
+import glob
+import inspect
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH_LIST = "9.0"  # H100 / H200
+STANDARDS = ("c++17", "c++20")
+# Keep in sync with extension() in setup.py.
+SETUP_INCLUDE_DIRS = [os.path.join(ROOT, "csrc")]
+SETUP_CXX_FLAGS = ["-O3", "-fopenmp"]
+SETUP_NVCC_FLAGS = ["-O3"]
+# What BuildExtension adds to every compile of mlp_ext._C.
+EXTENSION_DEFINES = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+
+# A diagnostic located in one of our sources: "file:line:col: warning" (gcc) or
+# "file(line): warning" (nvcc).
+OWN_DIAGNOSTIC = re.compile(
+    re.escape(os.path.join(ROOT, "csrc")) + r"\S*(:\d+:\d+:|\(\d+\):) (warning|error)")
+
+os.environ["TORCH_CUDA_ARCH_LIST"] = ARCH_LIST
+from torch.utils import cpp_extension  # noqa: E402  (reads TORCH_CUDA_ARCH_LIST)
+
+
+def fail(message):
+    print(f"check_cuda: FAILED: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def find_cuda_home():
+    """The toolkit root: $CUDA_HOME / $CUDA_PATH, else where nvcc lives, else /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in filter(None, candidates):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and os.access(
+            os.path.join(home, "bin", "nvcc"), os.X_OK
+        ):
+            return home
+    fail("no CUDA toolkit found (set CUDA_HOME to the directory with bin/nvcc and include/)")
+
+
+def nvcc_version(nvcc):
+    out = subprocess.run([nvcc, "--version"], check=True, capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+)\.(\d+), V(\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        fail(f"cannot read the version of {nvcc}:\n{out}")
+    return tuple(int(g) for g in match.groups())
+
+
+def cmake_macros_shim(torch_include, cuda_version, tmp):
+    """Include dir providing c10/cuda/impl/cuda_cmake_macros.h if this torch lacks it
+    (the contents of c10/cuda/impl/cuda_cmake_macros.h.in as torch's CMake fills it in)."""
+    name = os.path.join("c10", "cuda", "impl", "cuda_cmake_macros.h")
+    if os.path.isfile(os.path.join(torch_include, name)):
+        return []
+    major, minor, _, _, patch = cuda_version
+    path = os.path.join(tmp, "shim", name)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write(
+            "#pragma once\n"
+            "// Written by scripts/check_cuda.py: what torch's CMake generates from\n"
+            "// c10/cuda/impl/cuda_cmake_macros.h.in for a shared-library build.\n"
+            "#define C10_CUDA_BUILD_SHARED_LIBS\n"
+            f"#define TORCH_CUDA_VERSION_MAJOR {major}\n"
+            f"#define TORCH_CUDA_VERSION_MINOR {minor}\n"
+            f"#define TORCH_CUDA_VERSION_PATCH {patch}\n"
+            "#define TORCH_CUDA_VERSION_BUILD 0\n"
+        )
+    return [os.path.join(tmp, "shim")]
+
+
+def torch_default_standard():
+    """The -std= torch's BuildExtension adds when none is given (for the log)."""
+    match = re.search(r"cpp_flag_prefix \+ '(c\+\+\d+)'", inspect.getsource(cpp_extension))
+    return match.group(1) if match else "unknown"
+
+
+def main():
+    cuda_home = find_cuda_home()
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    cxx = os.environ.get("CXX", "c++")
+    version = nvcc_version(nvcc)
+    torch_include = cpp_extension.include_paths("cpu")[0]
+
+    cu_files = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cpp_files = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    if not cu_files:
+        fail("no csrc/cuda/*.cu found")
+
+    with tempfile.TemporaryDirectory(prefix="check_cuda_") as tmp:
+        includes = (
+            SETUP_INCLUDE_DIRS
+            + cpp_extension.include_paths("cpu")  # torch's include dirs
+            + [os.path.join(cuda_home, "include")]
+            + cmake_macros_shim(torch_include, version, tmp)
+            + [sysconfig.get_paths()["include"]]  # Python.h
+        )
+        include_flags = [f"-I{d}" for d in includes]
+        # As torch.utils.cpp_extension's unix_cuda_flags composes them.
+        nvcc_flags = (
+            cpp_extension.COMMON_NVCC_FLAGS
+            + ["--compiler-options", "-fPIC"]
+            + SETUP_NVCC_FLAGS
+            + cpp_extension._get_cuda_arch_flags(SETUP_NVCC_FLAGS)
+            # Stricter than the build: our .cu files include no torch header.
+            + ["--Werror", "all-warnings", "-Xcompiler", "-Wall"]
+        )
+        cxx_flags = SETUP_CXX_FLAGS + ["-fPIC"]
+
+        jobs = []
+        for std in STANDARDS:
+            for src in cu_files:
+                obj = os.path.join(tmp, std, os.path.basename(src) + ".o")
+                jobs.append(([nvcc, *EXTENSION_DEFINES, *include_flags, *nvcc_flags,
+                              f"-std={std}", "-c", src, "-o", obj], obj))
+            for src in cpp_files:
+                obj = os.path.join(tmp, std, os.path.basename(src) + ".o")
+                jobs.append(([cxx, *EXTENSION_DEFINES, *include_flags, *cxx_flags,
+                              f"-std={std}", "-c", src, "-o", obj], obj))
+        for std in STANDARDS:
+            os.makedirs(os.path.join(tmp, std))
+
+        print(f"check_cuda: nvcc {'.'.join(map(str, version[:2]))} ({nvcc}), host compiler {cxx}, "
+              f"TORCH_CUDA_ARCH_LIST={ARCH_LIST}, torch's default -std={torch_default_standard()}; "
+              f"checking {len(cu_files)} .cu + {len(cpp_files)} .cpp as {' and '.join(STANDARDS)}",
+              flush=True)
+
+        def run(job):
+            command, obj = job
+            result = subprocess.run(command, capture_output=True, text=True)
+            return command, obj, result
+
+        failed = 0
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            for command, obj, result in pool.map(run, jobs):
+                label = os.path.relpath(command[command.index("-c") + 1], ROOT)
+                std = next(f for f in command if f.startswith("-std="))
+                status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+                print(f"check_cuda: {label} {std}: {status}", flush=True)
+                if result.returncode != 0:
+                    failed += 1
+                    print("  " + shlex.join(command), file=sys.stderr)
+                output = result.stdout + result.stderr
+                # On success, show warnings only if they concern our own sources
+                # (torch's headers warn under C++17, which is not ours to fix).
+                if result.returncode != 0 or OWN_DIAGNOSTIC.search(output):
+                    sys.stderr.write(output)
+        if failed:
+            fail(f"{failed} of {len(jobs)} compiles failed")
+
+        # Every mlp_ext::gpu symbol a .cpp object needs is defined by a .cu object.
+        for std in STANDARDS:
+            def symbols(paths, which):
+                out = subprocess.run(["nm", which, *paths], check=True, capture_output=True,
+                                     text=True).stdout
+                return {line.split()[-1] for line in out.splitlines()
+                        if line.strip() and "7mlp_ext3gpu" in line.split()[-1]}
+
+            objects = lambda files: [os.path.join(tmp, std, os.path.basename(f) + ".o") for f in files]
+            needed = symbols(objects(cpp_files), "--undefined-only") if cpp_files else set()
+            defined = symbols(objects(cu_files), "--defined-only")
+            missing = sorted(needed - defined)
+            if missing:
+                names = subprocess.run(["c++filt", *missing], capture_output=True, text=True).stdout
+                fail(f"-std={std}: the .cpp objects use kernels that no .cu object defines:\n{names}")
+            print(f"check_cuda: -std={std}: all {len(needed)} mlp_ext::gpu symbols used by the "
+                  f".cpp objects are defined by the .cu objects")
+    print("check_cuda: OK")
+
+
+if __name__ == "__main__":
+    main()
