@@ -8,6 +8,13 @@ builds extensions so) and once as C++20 (torch >= 2.13). Then every
 mlp_ext::gpu symbol that the .cpp objects use must be defined by the .cu
 objects, or importing the real build would fail on the GPU machine.
 
+Then the kernels run: the .cu files are compiled as C++ against a CPU stand-in
+for the CUDA execution model (scripts/cuda_emulation/emu.h: blocks in turn, the
+threads of a block as real threads meeting at __syncthreads), with
+AddressSanitizer and UndefinedBehaviorSanitizer, and
+scripts/cuda_emulation/kernel_test.cpp checks every launcher's results against
+plain loops (every dtype and path, bitwise where the order is the same).
+
 A CPU build of torch ships the c10/cuda headers without the header that its CMake
 generates for them (c10/cuda/impl/cuda_cmake_macros.h); the check writes it, as
 that CMake would, into a temporary include directory.
@@ -102,6 +109,31 @@ def torch_default_standard():
     return match.group(1) if match else "unknown"
 
 
+def emulation_command(cu_files, cuda_home, cxx, tmp):
+    """A shell command that builds the .cu files with kernel_test.cpp on the CPU
+    stand-in and runs the result."""
+    emulation = os.path.join(ROOT, "scripts", "cuda_emulation")
+    launch = re.compile(r"(\b\w+(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\(", re.S)
+    sources = []
+    os.makedirs(os.path.join(tmp, "emulation"))
+    for src in cu_files:
+        with open(src) as f:
+            # (newlines kept, so that diagnostics point at the right lines)
+            text = launch.sub(lambda m: f"emu::launch({m.group(2)}, {m.group(1)})"
+                              + "\n" * m.group(0).count("\n") + "(", f.read())
+        sources.append(os.path.join(tmp, "emulation", os.path.basename(src) + ".cpp"))
+        with open(sources[-1], "w") as f:
+            f.write(f'#line 1 "{src}"\n' + text)
+    binary = os.path.join(tmp, "emulation", "kernel_test")
+    build = [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=all", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+             "-include", os.path.join(emulation, "emu.h"),
+             f"-I{os.path.join(ROOT, 'csrc', 'cuda')}", f"-I{os.path.join(cuda_home, 'include')}",
+             *[f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith("-D")],
+             *sources, os.path.join(emulation, "kernel_test.cpp"), "-o", binary]
+    return ["bash", "-c", f"{shlex.join(build)} && {shlex.quote(binary)}"]
+
+
 def main():
     cuda_home = find_cuda_home()
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
@@ -134,18 +166,22 @@ def main():
         )
         cxx_flags = SETUP_CXX_FLAGS + ["-fPIC"]
 
-        jobs = []
+        for std in STANDARDS:
+            os.makedirs(os.path.join(tmp, std))
+        jobs = []  # (label, command)
         for std in STANDARDS:
             for src in cu_files:
                 obj = os.path.join(tmp, std, os.path.basename(src) + ".o")
-                jobs.append(([nvcc, *EXTENSION_DEFINES, *include_flags, *nvcc_flags,
-                              f"-std={std}", "-c", src, "-o", obj], obj))
+                jobs.append((f"{os.path.relpath(src, ROOT)} -std={std}",
+                             [nvcc, *EXTENSION_DEFINES, *include_flags, *nvcc_flags,
+                              f"-std={std}", "-c", src, "-o", obj]))
             for src in cpp_files:
                 obj = os.path.join(tmp, std, os.path.basename(src) + ".o")
-                jobs.append(([cxx, *EXTENSION_DEFINES, *include_flags, *cxx_flags,
-                              f"-std={std}", "-c", src, "-o", obj], obj))
-        for std in STANDARDS:
-            os.makedirs(os.path.join(tmp, std))
+                jobs.append((f"{os.path.relpath(src, ROOT)} -std={std}",
+                             [cxx, *EXTENSION_DEFINES, *include_flags, *cxx_flags,
+                              f"-std={std}", "-c", src, "-o", obj]))
+        jobs.append(("kernels on the CPU stand-in (scripts/cuda_emulation)",
+                     emulation_command(cu_files, cuda_home, cxx, tmp)))
 
         print(f"check_cuda: nvcc {'.'.join(map(str, version[:2]))} ({nvcc}), host compiler {cxx}, "
               f"TORCH_CUDA_ARCH_LIST={ARCH_LIST}, torch's default -std={torch_default_standard()}; "
@@ -153,17 +189,14 @@ def main():
               flush=True)
 
         def run(job):
-            command, obj = job
-            result = subprocess.run(command, capture_output=True, text=True)
-            return command, obj, result
+            label, command = job
+            return label, command, subprocess.run(command, capture_output=True, text=True)
 
         failed = 0
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-            for command, obj, result in pool.map(run, jobs):
-                label = os.path.relpath(command[command.index("-c") + 1], ROOT)
-                std = next(f for f in command if f.startswith("-std="))
+            for label, command, result in pool.map(run, jobs):
                 status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-                print(f"check_cuda: {label} {std}: {status}", flush=True)
+                print(f"check_cuda: {label}: {status}", flush=True)
                 if result.returncode != 0:
                     failed += 1
                     print("  " + shlex.join(command), file=sys.stderr)
@@ -172,8 +205,10 @@ def main():
                 # (torch's headers warn under C++17, which is not ours to fix).
                 if result.returncode != 0 or OWN_DIAGNOSTIC.search(output):
                     sys.stderr.write(output)
+                elif "cuda_emulation" in label:
+                    sys.stdout.write("  " + output)
         if failed:
-            fail(f"{failed} of {len(jobs)} compiles failed")
+            fail(f"{failed} of {len(jobs)} checks failed")
 
         # Every mlp_ext::gpu symbol a .cpp object needs is defined by a .cu object.
         for std in STANDARDS:

@@ -262,7 +262,7 @@ __device__ double block_sum(double x) {
   __shared__ double shared[kThreads];
   shared[threadIdx.x] = x;
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+  for (unsigned stride = kThreads / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) {
       shared[threadIdx.x] += shared[threadIdx.x + stride];
     }
@@ -364,14 +364,15 @@ cudaError_t bias_activation(
     return cudaErrorInvalidConfiguration;
   }
   const dim3 block(plan.block_x, plan.block_y);
+  const int64_t rows_per_chunk = plan.rows_per_chunk;
   visit_activation(act, [&](auto a) {
     using A = decltype(a);
     if (vectorized) {
       bias_activation_kernel<T, A, kVec>
-          <<<grid, block, 0, stream>>>(z, h, b1, rows, width, plan.rows_per_chunk);
+          <<<grid, block, 0, stream>>>(z, h, b1, rows, width, rows_per_chunk);
     } else {
       bias_activation_kernel<T, A, 1>
-          <<<grid, block, 0, stream>>>(z, h, b1, rows, width, plan.rows_per_chunk);
+          <<<grid, block, 0, stream>>>(z, h, b1, rows, width, rows_per_chunk);
     }
   });
   return cudaGetLastError();
@@ -414,14 +415,15 @@ cudaError_t activation_backward(
     return cudaErrorInvalidConfiguration;
   }
   const dim3 block(plan.block_x, plan.block_y);
+  const int64_t rows_per_chunk = plan.rows_per_chunk;
   visit_activation(act, [&](auto a) {
     using A = decltype(a);
     if (vectorized) {
       activation_backward_kernel<T, A, kVec>
-          <<<grid, block, 0, stream>>>(g, z, db1, scratch, rows, width, plan.rows_per_chunk);
+          <<<grid, block, 0, stream>>>(g, z, db1, scratch, rows, width, rows_per_chunk);
     } else {
       activation_backward_kernel<T, A, 1>
-          <<<grid, block, 0, stream>>>(g, z, db1, scratch, rows, width, plan.rows_per_chunk);
+          <<<grid, block, 0, stream>>>(g, z, db1, scratch, rows, width, rows_per_chunk);
     }
   });
   cudaError_t status = cudaGetLastError();
