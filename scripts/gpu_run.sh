@@ -19,6 +19,18 @@ OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+# The toolkit for the build: torch takes CUDA_HOME from `which nvcc`, which is
+# wrong when nvcc on PATH is a wrapper script outside the toolkit.
+if [ -z "${CUDA_HOME:-}" ]; then
+  nvcc_path=$(command -v nvcc || true)
+  for candidate in "${CUDA_PATH:-}" "${nvcc_path:+$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")}" \
+                   /usr/local/cuda; do
+    if [ -n "$candidate" ] && [ -f "$candidate/include/cuda_runtime.h" ] && [ -x "$candidate/bin/nvcc" ]; then
+      export CUDA_HOME=$candidate
+      break
+    fi
+  done
+fi
 START=$SECONDS
 DEADLINE=$((START + ${GPU_RUN_SECONDS:-570}))
 STAGES=("$@")
@@ -53,7 +65,8 @@ skip() { SUMMARY+=("$(printf '%-10s %s' "$1" "SKIPPED: $2")"); echo "== $1 skipp
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")'
-  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  [ -n "${CUDA_HOME:-}" ] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
 } 2>&1 | tee "$OUT/environment.txt"
 
@@ -78,7 +91,9 @@ if want sanitize; then
   sanitizer=$(command -v compute-sanitizer || true)
   for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
                    "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
-    [ -z "$sanitizer" ] && [ -x "$candidate" ] && sanitizer=$candidate
+    if [ -z "$sanitizer" ] && [ -x "$candidate" ]; then
+      sanitizer=$candidate
+    fi
   done
   if [ -z "$sanitizer" ]; then
     skip sanitize "compute-sanitizer not found (PATH, \$CUDA_HOME)"; failed=1
