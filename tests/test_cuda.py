@@ -134,6 +134,20 @@ def test_bitwise_deterministic_from_run_to_run(dtype):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_hidden_false_gives_bitwise_identical_gradients(dtype):
+    """Without a saved h the backward recomputes phi(z) with the forward's kernel."""
+    inputs = make_inputs(n=300, d=24, h=40, q=8, dtype=dtype, device="cuda")
+    grad_o = torch.randn(300, 8, device="cuda").to(dtype)
+    results = []
+    for save_hidden in (True, False):
+        o, s = mlp_ext.fused_mlp(*inputs, activation="gelu", weight_decay=0.01,
+                                 save_hidden=save_hidden)
+        results.append([o, s, *torch.autograd.grad((o, s), inputs, (grad_o, torch.ones_like(s)))])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_runs_on_the_current_stream():
     """Everything is queued on the current stream: with that stream kept busy, a kernel
     queued elsewhere would read its inputs before the products that write them."""

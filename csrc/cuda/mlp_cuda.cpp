@@ -144,14 +144,15 @@ std::tuple<Tensor, Tensor> fused_mlp_autocast(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     c10::string_view activation,
-    double weight_decay) {
+    double weight_decay,
+    bool save_hidden) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mlp_ext::fused_mlp", "")
                        .typed<std::tuple<Tensor, Tensor>(
                            const Tensor&, const Tensor&, const Tensor&,
                            const std::optional<Tensor>&, const std::optional<Tensor>&,
-                           c10::string_view, double)>();
+                           c10::string_view, double, bool)>();
   // With inputs on several devices nothing is cast, so that the argument checks
   // report the device mismatch rather than a dtype mismatch that casting made.
   const auto on_device_of_x = [&](const std::optional<Tensor>& t) {
@@ -159,11 +160,12 @@ std::tuple<Tensor, Tensor> fused_mlp_autocast(
   };
   if (!x.is_cuda() || !on_device_of_x(w1) || !on_device_of_x(w2) || !on_device_of_x(b1) ||
       !on_device_of_x(b2)) {
-    return op.call(x, w1, w2, b1, b2, activation, weight_decay);
+    return op.call(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
   }
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
   const auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, at::kCUDA); };
-  return op.call(cast(x), cast(w1), cast(w2), cast(b1), cast(b2), activation, weight_decay);
+  return op.call(
+      cast(x), cast(w1), cast(w2), cast(b1), cast(b2), activation, weight_decay, save_hidden);
 }
 
 }  // namespace
@@ -179,7 +181,7 @@ TORCH_LIBRARY_IMPL(mlp_ext, CUDA, m) {
   m.impl(
       "fused_mlp_backward",
       [](const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x,
-         const Tensor& w1, const Tensor& w2, const Tensor& z, const Tensor& h,
+         const Tensor& w1, const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
          c10::string_view activation, double weight_decay, std::array<bool, 5> output_mask) {
         const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(z));
         return fused_mlp_backward(
