@@ -5,11 +5,9 @@ Skipped as a whole without a CUDA device. The core suite (tests/test_*.py) runs 
 one of its tests on "cuda" as well, so float64 gradcheck, opcheck, torch.compile and
 the bad-input checks are not repeated here except where CUDA adds something.
 """
-import math
 
 import pytest
 import torch
-from torch import nn
 from torch.library import opcheck
 
 import mlp_ext
