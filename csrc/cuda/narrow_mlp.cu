@@ -9,7 +9,8 @@
 //   and prefetches its next tile with cp.async into a second buffer while it works
 //   on the current one. Rows past n are zero-filled in shared memory and never stored.
 // * The per-row products (X W1^T, H W2^T, G_O W2, G_Z W1) are split into work items
-//   of one 16-row strip x one 64-column chunk (up to 4 wmma accumulator tiles).
+//   of one 16-row strip x one 64-column chunk (up to 4 wmma accumulator tiles; 32
+//   columns for the backward's G_H, to leave registers for the dW accumulators).
 //   A warp computes its item on the tensor cores, stores the float accumulators to
 //   its private staging area, and applies the elementwise epilogue (bias,
 //   activation or its derivative, rounding) from there: 16-byte vectors, coalesced
@@ -37,6 +38,8 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -51,69 +54,12 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxWidth = 128;
 constexpr int kMaxStrips = 8;                  // BM <= 128 rows per tile
 constexpr int kChunk = 64;                     // columns per work item
-constexpr int kChunkTiles = kChunk / 16;       // accumulator tiles per work item
-// The backward's G_H items are half as wide: the dW accumulators already hold 128
-// registers per thread, and the Z prefetch below needs room too.
-constexpr int kGradChunk = 32;
 // Floats per staging row: +8 shifts each row by 8 banks, so the 64-bit accumulator
 // stores of a half-warp (rows g..g+3, 8 words each) hit 32 distinct banks.
 constexpr int kStageLd = kChunk + 8;
 constexpr int kStageFloats = 16 * kStageLd;    // one warp's staging area
-constexpr int kBandTiles = kMaxWidth / 16;     // tiles in a 16-row band of dW1 / dW2
-// dW2 has q/16 bands and dW1 h/16 bands: at most 16, so at most 2 per warp.
-constexpr int kBandsPerWarp = (2 * kMaxWidth / 16 + kWarps - 1) / kWarps;
 
 static_assert(kThreads >= 2 * kMaxWidth, "one thread per bias column (h + q <= 256)");
-static_assert(kBandsPerWarp == 2, "band bookkeeping below assumes two bands per warp");
-
-// ---------------------------------------------------------------------------
-// Element types
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__half> {
-  using Op = __half;              // wmma operand type
-  static constexpr int kK = 16;   // k per mma
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  using Op = __nv_bfloat16;
-  static constexpr int kK = 16;
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <>
-struct Elem<float> {
-  using Op = wmma::precision::tf32;
-  static constexpr int kK = 8;
-  __device__ static float to_float(float v) { return v; }
-  __device__ static float from_float(float v) { return v; }
-};
-
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector; also the row padding
-
-template <typename T>
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, Elem<T>::kK, typename Elem<T>::Op,
-                             wmma::row_major>;
-template <typename T>
-using FragAT = wmma::fragment<wmma::matrix_a, 16, 16, Elem<T>::kK, typename Elem<T>::Op,
-                              wmma::col_major>;  // A given transposed: A(m, k) at p[m + k*ld]
-template <typename T, typename Layout>
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, Elem<T>::kK, typename Elem<T>::Op, Layout>;
-template <typename T>
-using Acc = wmma::fragment<wmma::accumulator, 16, 16, Elem<T>::kK, float>;
-
-template <typename T>
-struct alignas(16) Vec {
-  T e[kVec<T>];
-};
 
 // ---------------------------------------------------------------------------
 // Shared-memory layout, computed on the host and passed to the kernels
@@ -208,6 +154,69 @@ struct ReduceParams {
   T* dw2;
   T* db1;
   T* db2;
+};
+
+// ---------------------------------------------------------------------------
+// Device code: sm_80 and newer (bf16 and TF32 wmma, cp.async). In a build for several
+// architectures the kernels of older targets have empty bodies; narrow_mlp_supported is
+// false on such devices, so those never run. The host pass sees everything.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+
+constexpr int kChunkTiles = kChunk / 16;       // accumulator tiles per work item
+// The backward's G_H items are half as wide: the dW accumulators already hold 128
+// registers per thread, and the Z prefetch below needs room too.
+constexpr int kGradChunk = 32;
+constexpr int kBandTiles = kMaxWidth / 16;     // tiles in a 16-row band of dW1 / dW2
+// dW2 has q/16 bands and dW1 h/16 bands: at most 16, so at most 2 per warp.
+constexpr int kBandsPerWarp = (2 * kMaxWidth / 16 + kWarps - 1) / kWarps;
+static_assert(kBandsPerWarp == 2, "band bookkeeping below assumes two bands per warp");
+
+// Element types
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__half> {
+  using Op = __half;              // wmma operand type
+  static constexpr int kK = 16;   // k per mma
+  __device__ static float to_float(__half v) { return __half2float(v); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using Op = __nv_bfloat16;
+  static constexpr int kK = 16;
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <>
+struct Elem<float> {
+  using Op = wmma::precision::tf32;
+  static constexpr int kK = 8;
+  __device__ static float to_float(float v) { return v; }
+  __device__ static float from_float(float v) { return v; }
+};
+
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector; also the row padding
+
+template <typename T>
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, Elem<T>::kK, typename Elem<T>::Op,
+                             wmma::row_major>;
+template <typename T>
+using FragAT = wmma::fragment<wmma::matrix_a, 16, 16, Elem<T>::kK, typename Elem<T>::Op,
+                              wmma::col_major>;  // A given transposed: A(m, k) at p[m + k*ld]
+template <typename T, typename Layout>
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, Elem<T>::kK, typename Elem<T>::Op, Layout>;
+template <typename T>
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, Elem<T>::kK, float>;
+
+template <typename T>
+struct alignas(16) Vec {
+  T e[kVec<T>];
 };
 
 // ---------------------------------------------------------------------------
@@ -520,6 +529,8 @@ __device__ __forceinline__ void with_activation(Activation a, F&& f) {
   }
 }
 
+#endif  // sm_80+ device code
+
 // ---------------------------------------------------------------------------
 // Forward: o = phi(x W1^T + b1) W2^T + b2, saving z and H.
 
@@ -761,6 +772,7 @@ __global__ void __launch_bounds__(kThreads, 1) narrow_backward_kernel(const __gr
 
 template <typename T>
 __global__ void __launch_bounds__(256) narrow_reduce_kernel(const __grid_constant__ ReduceParams<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const int64_t dw1_at = int64_t{p.q} * p.h, db1_at = dw1_at + int64_t{p.h} * p.d;
   const int64_t db2_at = db1_at + p.h;
   const bool add_decay = p.grad_s != nullptr && p.weight_decay != 0.0f;
@@ -786,12 +798,21 @@ __global__ void __launch_bounds__(256) narrow_reduce_kernel(const __grid_constan
     if (w != nullptr && add_decay) sum += decay * to_float(w[i]);
     out[i] = from_float<T>(sum);
   }
+#endif
 }
 
 // ---------------------------------------------------------------------------
 // Host side
 
 int element_size(NarrowDType dtype) { return dtype == NarrowDType::Float32 ? 4 : 2; }
+
+// Testing and tuning knob: MLP_EXT_NARROW_MAX_BLOCKS=k caps the grid at k blocks, so
+// that small problems exercise the persistent loop (several tiles per block).
+int64_t max_blocks() {
+  const char* v = std::getenv("MLP_EXT_NARROW_MAX_BLOCKS");
+  const long long k = v ? std::atoll(v) : 0;
+  return k > 0 ? k : std::numeric_limits<int64_t>::max();
+}
 
 struct DeviceInfo {
   int sms = 0;
@@ -903,7 +924,8 @@ BackwardPlan plan_backward(const NarrowBackwardArgs& a, const DeviceInfo& info) 
     int per_sm = 0;
     plan.status = blocks_per_sm(narrow_backward_kernel<T>, plan.layout.bytes, info.smem_optin, &per_sm);
     if (plan.status != cudaSuccess) return plan;
-    plan.grid = static_cast<int>(std::min<int64_t>(plan.tiles, int64_t{info.sms} * per_sm));
+    plan.grid = static_cast<int>(
+        std::min({plan.tiles, int64_t{info.sms} * per_sm, max_blocks()}));
   }
   if (plan.reduce) plan.workspace = sizeof(float) * plan.grid * plan.elements;
   return plan;
@@ -930,7 +952,8 @@ cudaError_t launch_forward(const NarrowForwardArgs& a, cudaStream_t stream) {
   int per_sm = 0;
   const cudaError_t err = blocks_per_sm(narrow_forward_kernel<T>, p.L.bytes, info.smem_optin, &per_sm);
   if (err != cudaSuccess) return err;
-  const int grid = static_cast<int>(std::min<int64_t>(p.tiles, int64_t{info.sms} * per_sm));
+  const int grid =
+      static_cast<int>(std::min({p.tiles, int64_t{info.sms} * per_sm, max_blocks()}));
   narrow_forward_kernel<T><<<grid, kThreads, p.L.bytes, stream>>>(p);
   return cudaGetLastError();
 }
