@@ -128,7 +128,7 @@ class Problem:
         state = {}
 
         def run():
-            if env is not None:
+            if env is not None and os.environ.get("MLP_EXT_NARROW") != env:
                 os.environ["MLP_EXT_NARROW"] = env  # read by the op at each call
             if mode == "inference":
                 with torch.no_grad():

@@ -171,7 +171,7 @@ constexpr int kBandTiles = kMaxWidth / 16;     // tiles in a 16-row band of dW1 
 constexpr int kBandsPerWarp = (2 * kMaxWidth / 16 + kWarps - 1) / kWarps;
 static_assert(kBandsPerWarp == 2, "band bookkeeping below assumes two bands per warp");
 
-// Element types
+// Element types: storage type T, wmma operand type, k per mma, float conversions.
 
 template <typename T>
 struct Elem;
