@@ -514,6 +514,28 @@ __device__ __forceinline__ void activation_grad_epilogue(
   }
 }
 
+// Backward without a saved H: H = phi(Z) for this chunk, into the shared H tile
+// (the same rounding as the forward's, so bitwise the H it would have saved).
+// Rows past n hold phi(0): finite, and their G_O rows are zero.
+template <typename A, typename T>
+__device__ __forceinline__ void hidden_epilogue(
+    int width, const Vec<T> (&zr)[kLaneVecs<T>], T* hs, int ldh, int col0, int lane) {
+  constexpr int V = kVec<T>;
+  const int per_row = width / V;
+#pragma unroll
+  for (int i = 0; i < kLaneVecs<T>; ++i) {
+    const int v = lane + 32 * i;
+    if (v < 16 * per_row) {
+      const int r = v / per_row;
+      const int c = (v - r * per_row) * V;
+      Vec<T> out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) out.e[e] = from_float<T>(A::forward(to_float(zr[i].e[e])));
+      store16(hs + r * ldh + col0 + c, out);
+    }
+  }
+}
+
 // Calls f(Act<A>{}) for the run-time activation (the device-side twin of
 // visit_activation): the activation is a compile-time constant inside each epilogue.
 template <typename F>
@@ -626,6 +648,8 @@ __global__ void __launch_bounds__(kThreads, 1) narrow_backward_kernel(const __gr
   const int ldd = p.d + kVec<T>, ldh = p.h + kVec<T>, ldq = p.q + kVec<T>;
   const int bm = 16 * L.strips;
   const bool need_gz = p.dx != nullptr || p.need_dw1 || p.need_db1;
+  // No saved H (the forward kept only z): dW2's H = phi(Z) is recomputed on chip.
+  const bool recompute_h = p.need_dw2 && p.hid == nullptr;
   const int h_items = L.strips * (p.h / kGradChunk + (p.h % kGradChunk != 0));
   const int d_items = L.strips * ((p.d + kChunk - 1) / kChunk);
   const int q_bands = p.q / 16, h_bands = p.h / 16;
@@ -644,7 +668,9 @@ __global__ void __launch_bounds__(kThreads, 1) narrow_backward_kernel(const __gr
     unsigned char* in = smem + L.in[buf];
     const int64_t r0 = t * bm;
     load_rows_async(reinterpret_cast<T*>(in + L.in_go), ldq, p.grad_o, r0, bm, p.q, p.n);
-    if (p.need_dw2) load_rows_async(reinterpret_cast<T*>(in + L.in_h), ldh, p.hid, r0, bm, p.h, p.n);
+    if (p.need_dw2 && !recompute_h) {
+      load_rows_async(reinterpret_cast<T*>(in + L.in_h), ldh, p.hid, r0, bm, p.h, p.n);
+    }
     if (p.need_dw1) load_rows_async(reinterpret_cast<T*>(in + L.in_x), ldd, p.x, r0, bm, p.d, p.n);
   };
 
@@ -655,9 +681,9 @@ __global__ void __launch_bounds__(kThreads, 1) narrow_backward_kernel(const __gr
   cp_async_commit();
 
   for (int it = 0; tile < p.tiles; tile += gridDim.x, ++it) {
-    const unsigned char* in = smem + L.in[it & 1];
+    unsigned char* in = smem + L.in[it & 1];
     const T* gos = reinterpret_cast<const T*>(in + L.in_go);
-    const T* hs = reinterpret_cast<const T*>(in + L.in_h);
+    T* hs = reinterpret_cast<T*>(in + L.in_h);  // written here only when recompute_h
     const T* xs = reinterpret_cast<const T*>(in + L.in_x);
     if (tile + gridDim.x < p.tiles) load_tile((it + 1) & 1, tile + gridDim.x);
     cp_async_commit();
@@ -665,26 +691,33 @@ __global__ void __launch_bounds__(kThreads, 1) narrow_backward_kernel(const __gr
     __syncthreads();
     const int64_t row0 = tile * bm;
 
-    // G_H = G_O W2 (W2 is q x h: row-major B), G_Z = G_H * phi'(Z) into the shared tile.
-    if (need_gz) {
+    // G_H = G_O W2 (W2 is q x h: row-major B), G_Z = G_H * phi'(Z) into the shared tile
+    // (and H = phi(Z) when it was not saved).
+    if (need_gz || recompute_h) {
       for (int item = warp; item < h_items; item += kWarps) {
         const int s = item % L.strips, col0 = item / L.strips * kGradChunk;
         const int width = min(kGradChunk, p.h - col0);
         Vec<T> zr[kLaneVecs<T>];
         load_z_chunk<T>(zr, p.z, width, row0 + s * 16, p.n, p.h, col0, lane);
-        Acc<T> acc[kGradChunk / 16];
-        strip_product<T, wmma::row_major>(acc, width / 16, gos + s * 16 * ldq, ldq, w2s + col0,
-                                          ldh, p.q);
-        store_stage<T>(stage, acc, width / 16);
-        __syncwarp();
+        if (need_gz) {
+          Acc<T> acc[kGradChunk / 16];
+          strip_product<T, wmma::row_major>(acc, width / 16, gos + s * 16 * ldq, ldq,
+                                            w2s + col0, ldh, p.q);
+          store_stage<T>(stage, acc, width / 16);
+          __syncwarp();
+        }
         with_activation(p.act, [&](auto act) {
-          activation_grad_epilogue<decltype(act)>(stage, width, zr, row0 + s * 16, p.n,
-                                                  gzs + s * 16 * ldh, ldh, col0, lane);
+          using A = decltype(act);
+          if (need_gz) {
+            activation_grad_epilogue<A>(stage, width, zr, row0 + s * 16, p.n,
+                                        gzs + s * 16 * ldh, ldh, col0, lane);
+          }
+          if (recompute_h) hidden_epilogue<A>(width, zr, hs + s * 16 * ldh, ldh, col0, lane);
         });
         __syncwarp();
       }
     }
-    __syncthreads();  // G_Z complete for every strip
+    __syncthreads();  // G_Z (and H) complete for every strip
 
     // dX = G_Z W1 (W1 is h x d: row-major B).
     if (p.dx != nullptr) {
@@ -1043,9 +1076,9 @@ bool narrow_mlp_can_run(const NarrowBackwardArgs& a) {
   const bool need_gz = a.dx || a.dw1 || a.db1;
   // What each requested output reads must be there.
   if (a.grad_o == nullptr || a.w1 == nullptr || a.w2 == nullptr) return false;
-  if ((need_gz && a.z == nullptr) || (a.dw1 && a.x == nullptr) || (a.dw2 && a.hidden == nullptr)) {
-    return false;
-  }
+  // z feeds G_Z, and H = phi(z) for dW2 when H was not saved (hidden == nullptr).
+  const bool needs_z = need_gz || (a.dw2 && a.hidden == nullptr);
+  if ((needs_z && a.z == nullptr) || (a.dw1 && a.x == nullptr)) return false;
   return aligned16(a.grad_o) && aligned16(a.w1) && aligned16(a.w2) && aligned16(a.x) &&
          aligned16(a.z) && aligned16(a.hidden) && aligned16(a.dx);
 }

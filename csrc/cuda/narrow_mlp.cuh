@@ -73,8 +73,10 @@ struct NarrowBackwardArgs {
   const void* x = nullptr;       // (n, d)
   const void* w1 = nullptr;      // (h, d)
   const void* w2 = nullptr;      // (q, h)
-  const void* z = nullptr;       // (n, h) saved by the forward
-  const void* hidden = nullptr;  // (n, h) saved by the forward (read only for dW2)
+  const void* z = nullptr;       // (n, h) saved by the forward (unused if only dW2/db2 with H)
+  // (n, h) H saved by the forward, read only for dW2; nullptr: recomputed on chip as
+  // phi(z) (bitwise what the forward would have saved), so a forward may save z alone.
+  const void* hidden = nullptr;
   // Outputs; nullptr = not needed (skipped, with the work that only it needs).
   void* dx = nullptr;   // (n, d)
   void* dw1 = nullptr;  // (h, d)
