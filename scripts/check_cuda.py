@@ -146,7 +146,12 @@ def main():
     version = nvcc_version(nvcc)
     torch_include = cpp_extension.include_paths("cpu")[0]
 
-    cu_files = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    # Every .cu of the project: the extension's and the standalone GPU tools'.
+    cu_files = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+                      + glob.glob(os.path.join(ROOT, "tools", "*.cu")))
+    # The CPU stand-in models threads, shared memory and __syncthreads, not the
+    # tensor-core (wmma) and cp.async instructions of narrow_mlp.cu.
+    emulated_files = [os.path.join(ROOT, "csrc", "cuda", "mlp_kernels.cu")]
     cpp_files = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     if not cu_files:
         fail("no csrc/cuda/*.cu found")
@@ -186,13 +191,13 @@ def main():
                              [cxx, *EXTENSION_DEFINES, *include_flags, *cxx_flags,
                               f"-std={std}", "-c", src, "-o", obj]))
         jobs.append(("kernels on the CPU stand-in (scripts/cuda_emulation), memcheck",
-                     emulation_command(cu_files, cuda_home, cxx, tmp)))
+                     emulation_command(emulated_files, cuda_home, cxx, tmp)))
         if "--racecheck" in sys.argv[1:]:
             # ThreadSanitizer on the threads of each block: a missing __syncthreads
             # between shared-memory writes and reads is a reported data race.
             # About 3 more minutes on 2 cores, so not part of the default check.
             jobs.append(("kernels on the CPU stand-in (scripts/cuda_emulation), racecheck",
-                         emulation_command(cu_files, cuda_home, cxx, tmp, "thread")))
+                         emulation_command(emulated_files, cuda_home, cxx, tmp, "thread")))
 
         print(f"check_cuda: nvcc {'.'.join(map(str, version[:2]))} ({nvcc}), host compiler {cxx}, "
               f"TORCH_CUDA_ARCH_LIST={ARCH_LIST}, torch's default -std={torch_default_standard()}; "
