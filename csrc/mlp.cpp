@@ -111,6 +111,40 @@ void check_forward_inputs(
   check_parameter("b2", b2, {w2.size(0)}, "(out_features,)", x);
 }
 
+namespace {
+
+// out = beta * addend + op(a) op(b) (see DeviceKernels::matmul).
+void matmul(
+    const DeviceKernels& kernels,
+    Tensor& out,
+    const Tensor* addend,
+    const Tensor& a,
+    bool trans_a,
+    const Tensor& b,
+    bool trans_b,
+    double beta = 1.0) {
+  if (kernels.matmul != nullptr) {
+    kernels.matmul(out, addend, a, trans_a, b, trans_b, beta);
+    return;
+  }
+  const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;
+  if (addend == nullptr) {
+    at::mm_out(out, lhs, rhs);
+  } else {
+    at::addmm_out(out, *addend, lhs, rhs, beta);
+  }
+}
+
+void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g) {
+  if (kernels.column_sums != nullptr) {
+    kernels.column_sums(out, g);
+  } else {
+    at::sum_out(out, g, 0);
+  }
+}
+
+}  // namespace
+
 ForwardResult fused_mlp_forward(
     const DeviceKernels& kernels,
     const Tensor& x,
@@ -125,40 +159,47 @@ ForwardResult fused_mlp_forward(
 
   // Leading dimensions flatten to n rows, as nn.Linear does; the product of the
   // leading sizes (not -1) keeps n = 0 well defined.
-  const int64_t in_features = w1.size(1);
+  const int64_t in_features = w1.size(1), hidden = w1.size(0), out_features = w2.size(0);
   const int64_t n = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const Tensor x2d = x.reshape({n, in_features});
+  const Tensor x2d = x.dim() == 2 ? x : x.reshape({n, in_features});
+  const auto options = x.options();
 
-  // mm reads transposed and strided operands in place, and returns contiguous z.
-  Tensor z = at::mm(x2d, w1.t());
-  Tensor h = at::empty_like(z);
+  Tensor z = at::empty({n, hidden}, options);
+  matmul(kernels, z, nullptr, x2d, false, w1, /*trans_b=*/true);
+  Tensor h = at::empty({n, hidden}, options);
   kernels.bias_activation(z, h, b1, act);
-  Tensor o = b2 ? at::addmm(*b2, h, w2.t()) : at::mm(h, w2.t());
+  Tensor o = at::empty({n, out_features}, options);
+  matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
-  auto o_shape = x.sizes().vec();
-  o_shape.back() = w2.size(0);
-  Tensor s = weight_decay == 0 ? at::zeros({}, x.options())
-                               : kernels.penalty(w1, w2, weight_decay);
-  return {o.view(o_shape), s, z, h};
+  Tensor s = weight_decay == 0 ? at::zeros({}, options) : kernels.penalty(w1, w2, weight_decay);
+  if (x.dim() != 2) {
+    auto o_shape = x.sizes().vec();
+    o_shape.back() = out_features;
+    o = o.view(o_shape);
+  }
+  return {o, s, z, h};
 }
 
 namespace {
 
 // dW = G^T A + g_s * weight_decay * W: the decay term rides in the product's beta.
-Tensor weight_gradient(
+void weight_gradient(
+    const DeviceKernels& kernels,
+    Tensor& dw,
     const Tensor& g,
     const Tensor& a,
     const Tensor& w,
     const std::optional<Tensor>& grad_s,
     double weight_decay) {
   if (!grad_s || weight_decay == 0) {
-    return at::mm(g.t(), a);
+    matmul(kernels, dw, nullptr, g, /*trans_a=*/true, a, false);
+  } else if (grad_s->is_cpu()) {
+    matmul(kernels, dw, &w, g, /*trans_a=*/true, a, false, grad_s->item<double>() * weight_decay);
+  } else {
+    // On an accelerator g_s stays on the device (reading it would synchronize).
+    const Tensor scaled = w * *grad_s;
+    matmul(kernels, dw, &scaled, g, /*trans_a=*/true, a, false, weight_decay);
   }
-  if (grad_s->is_cpu()) {
-    return at::addmm(w, g.t(), a, grad_s->item<double>() * weight_decay);
-  }
-  // On an accelerator g_s stays on the device (reading it would synchronize).
-  return at::addmm(w * *grad_s, g.t(), a, weight_decay);
 }
 
 }  // namespace
@@ -178,31 +219,42 @@ BackwardResult fused_mlp_backward(
   const Activation act = parse_activation(activation);
   const auto [need_dx, need_dw1, need_dw2, need_db1, need_db2] = output_mask;
   const int64_t n = z.size(0);
-  const int64_t out_features = w2.size(0);
+  const int64_t in_features = w1.size(1), hidden = w1.size(0), out_features = w2.size(0);
   TORCH_CHECK(
       grad_o.numel() == n * out_features,
       "fused_mlp_backward: expected grad_o with ", n, " x ", out_features,
       " elements, but got grad_o.shape = ", grad_o.sizes());
-  const Tensor g_o = grad_o.reshape({n, out_features});
+  const Tensor g_o = grad_o.dim() == 2 ? grad_o : grad_o.reshape({n, out_features});
+  const auto options = z.options();
 
   Tensor dx, dw1, dw2, db1, db2;
   if (need_dw2) {
-    dw2 = weight_gradient(g_o, h, w2, grad_s, weight_decay);
+    dw2 = at::empty({out_features, hidden}, options);
+    weight_gradient(kernels, dw2, g_o, h, w2, grad_s, weight_decay);
   }
   if (need_db2) {
-    db2 = g_o.sum(0);
+    db2 = at::empty({out_features}, options);
+    column_sums(kernels, db2, g_o);
   }
   if (need_dx || need_dw1 || need_db1) {
-    Tensor g = at::mm(g_o, w2);  // G_H, turned into G_Z in place
+    Tensor g = at::empty({n, hidden}, options);  // G_H, turned into G_Z in place
+    matmul(kernels, g, nullptr, g_o, false, w2, false);
     if (need_db1) {
-      db1 = at::empty({w1.size(0)}, g.options());
+      db1 = at::empty({hidden}, options);
     }
     kernels.activation_backward(g, z.contiguous(), db1, act);
     if (need_dw1) {
-      dw1 = weight_gradient(g, x.reshape({n, w1.size(1)}), w1, grad_s, weight_decay);
+      dw1 = at::empty({hidden, in_features}, options);
+      weight_gradient(
+          kernels, dw1, g, x.dim() == 2 ? x : x.reshape({n, in_features}), w1, grad_s,
+          weight_decay);
     }
     if (need_dx) {
-      dx = at::mm(g, w1).view(x.sizes());
+      dx = at::empty({n, in_features}, options);
+      matmul(kernels, dx, nullptr, g, false, w1, false);
+      if (x.dim() != 2) {
+        dx = dx.view(x.sizes());
+      }
     }
   }
   return {dx, dw1, dw2, db1, db2};
@@ -281,6 +333,9 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
                                const Tensor&, const std::optional<Tensor>&, const Tensor&,
                                const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                c10::string_view, double, std::array<bool, 5>)>();
+      // fused_mlp_backward has no autograd kernel of its own: go straight to
+      // the device kernel instead of through the (boxed) autograd fallback.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(dx, dw1, dw2, db1, db2) = op.call(
           grad_o, grad_s.defined() ? std::optional<Tensor>(grad_s) : std::nullopt, x, w1, w2,
           z, h, kActivationNames[static_cast<size_t>(act)], weight_decay, mask);
