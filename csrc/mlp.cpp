@@ -275,6 +275,20 @@ Tensor activation_op(const Tensor& z, Activation act) {
   TORCH_INTERNAL_ASSERT(false, "unreachable");
 }
 
+// The dispatcher's typed handle of fused_mlp_forward (looked up once).
+const c10::TypedOperatorHandle<ForwardResult(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double)>&
+forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
+                             .typed<ForwardResult(
+                                 const Tensor&, const Tensor&, const Tensor&,
+                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                 c10::string_view, double)>();
+  return op;
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -291,13 +305,10 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       const std::optional<Tensor>& b2,
       std::string_view activation,
       double weight_decay) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
-                         .typed<ForwardResult(
-                             const Tensor&, const Tensor&, const Tensor&,
-                             const std::optional<Tensor>&, const std::optional<Tensor>&,
-                             c10::string_view, double)>();
-    auto [o, s, z, h] = op.call(x, w1, w2, b1, b2, activation, weight_decay);
+    // Function::apply turns grad mode off but leaves the autograd keys on: skip
+    // them, or the call would go through the (boxed) autograd fallback.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
     ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, h});
     ctx->saved_data["activation"] = static_cast<int64_t>(parse_activation(activation));
     ctx->saved_data["weight_decay"] = weight_decay;
@@ -398,6 +409,19 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
   }
 };
 
+// Whether the call must be recorded for a derivative: backward (grad mode on
+// and an input requiring grad) or forward mode (an input with a tangent, which
+// FusedMLPFunction rejects with a clear error).
+bool needs_autograd(std::initializer_list<const Tensor*> inputs) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const Tensor* t : inputs) {
+    if (t->defined() && ((grad_mode && t->requires_grad()) || t->_fw_grad(0).defined())) {
+      return true;
+    }
+  }
+  return false;
+}
+
 std::tuple<Tensor, Tensor> fused_mlp_autograd(
     const Tensor& x,
     const Tensor& w1,
@@ -406,6 +430,13 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
     const std::optional<Tensor>& b2,
     c10::string_view activation,
     double weight_decay) {
+  const Tensor none;
+  if (!needs_autograd({&x, &w1, &w2, b1 ? &*b1 : &none, b2 ? &*b2 : &none})) {
+    // Inference: no autograd node to build, nothing to save.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
+    return {o, s};
+  }
   auto outputs = FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay);
   return {outputs[0], outputs[1]};
 }
