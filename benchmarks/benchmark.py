@@ -523,8 +523,10 @@ def parse_args(argv=None):
     args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     args.dtype = args.dtype or (["float32"] if args.quick else DEFAULT_DTYPES)
     args.activation = args.activation or (["relu"] if args.quick else DEFAULT_ACTIVATIONS)
-    args.rounds = args.rounds or (3 if args.quick else 15)
-    args.block_seconds = args.block_seconds or (0.005 if args.quick else 0.05)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 15
+    if args.block_seconds is None:
+        args.block_seconds = 0.005 if args.quick else 0.05
     for name in args.dtype:
         if name not in DTYPES:
             p.error(f"--dtype: unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
