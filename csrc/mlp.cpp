@@ -4,6 +4,7 @@
 // step runs no Python between the op call and the gradients).
 #include <Python.h>
 
+#include <ATen/EmptyTensor.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -135,6 +136,13 @@ void matmul(
   }
 }
 
+// at::empty without the dispatcher on CPU: a small MLP's step allocates about
+// ten tensors, and at that size each dispatch costs as much as its kernel.
+Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? Tensor(at::detail::empty_cpu(sizes, options))
+                                   : at::empty(sizes, options);
+}
+
 void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g) {
   if (kernels.column_sums != nullptr) {
     kernels.column_sums(out, g);
@@ -164,11 +172,11 @@ ForwardResult fused_mlp_forward(
   const Tensor x2d = x.dim() == 2 ? x : x.reshape({n, in_features});
   const auto options = x.options();
 
-  Tensor z = at::empty({n, hidden}, options);
+  Tensor z = empty({n, hidden}, options);
   matmul(kernels, z, nullptr, x2d, false, w1, /*trans_b=*/true);
-  Tensor h = at::empty({n, hidden}, options);
+  Tensor h = empty({n, hidden}, options);
   kernels.bias_activation(z, h, b1, act);
-  Tensor o = at::empty({n, out_features}, options);
+  Tensor o = empty({n, out_features}, options);
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
   Tensor s = weight_decay == 0 ? at::zeros({}, options) : kernels.penalty(w1, w2, weight_decay);
@@ -194,7 +202,11 @@ void weight_gradient(
   if (!grad_s || weight_decay == 0) {
     matmul(kernels, dw, nullptr, g, /*trans_a=*/true, a, false);
   } else if (grad_s->is_cpu()) {
-    matmul(kernels, dw, &w, g, /*trans_a=*/true, a, false, grad_s->item<double>() * weight_decay);
+    // Read in place: item() would be one more dispatch.
+    const double g_s = grad_s->scalar_type() == at::kDouble ? *grad_s->const_data_ptr<double>()
+        : grad_s->scalar_type() == at::kFloat             ? *grad_s->const_data_ptr<float>()
+                                                          : grad_s->item<double>();
+    matmul(kernels, dw, &w, g, /*trans_a=*/true, a, false, g_s * weight_decay);
   } else {
     // On an accelerator g_s stays on the device (reading it would synchronize).
     const Tensor scaled = w * *grad_s;
@@ -229,28 +241,28 @@ BackwardResult fused_mlp_backward(
 
   Tensor dx, dw1, dw2, db1, db2;
   if (need_dw2) {
-    dw2 = at::empty({out_features, hidden}, options);
+    dw2 = empty({out_features, hidden}, options);
     weight_gradient(kernels, dw2, g_o, h, w2, grad_s, weight_decay);
   }
   if (need_db2) {
-    db2 = at::empty({out_features}, options);
+    db2 = empty({out_features}, options);
     column_sums(kernels, db2, g_o);
   }
   if (need_dx || need_dw1 || need_db1) {
-    Tensor g = at::empty({n, hidden}, options);  // G_H, turned into G_Z in place
+    Tensor g = empty({n, hidden}, options);  // G_H, turned into G_Z in place
     matmul(kernels, g, nullptr, g_o, false, w2, false);
     if (need_db1) {
-      db1 = at::empty({hidden}, options);
+      db1 = empty({hidden}, options);
     }
     kernels.activation_backward(g, z.contiguous(), db1, act);
     if (need_dw1) {
-      dw1 = at::empty({hidden, in_features}, options);
+      dw1 = empty({hidden, in_features}, options);
       weight_gradient(
           kernels, dw1, g, x.dim() == 2 ? x : x.reshape({n, in_features}), w1, grad_s,
           weight_decay);
     }
     if (need_dx) {
-      dx = at::empty({n, in_features}, options);
+      dx = empty({n, in_features}, options);
       matmul(kernels, dx, nullptr, g, false, w1, false);
       if (x.dim() != 2) {
         dx = dx.view(x.sizes());
