@@ -4,6 +4,7 @@
 // step runs no Python between the op call and the gradients).
 #include <Python.h>
 
+#include <ATen/EmptyTensor.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -113,6 +114,47 @@ void check_forward_inputs(
   check_bias("b2", b2, w2.size(0), "out_features", x);
 }
 
+namespace {
+
+// out = beta * addend + op(a) op(b) (see DeviceKernels::matmul).
+void matmul(
+    const DeviceKernels& kernels,
+    Tensor& out,
+    const Tensor* addend,
+    const Tensor& a,
+    bool trans_a,
+    const Tensor& b,
+    bool trans_b,
+    double beta = 1.0) {
+  if (kernels.matmul != nullptr) {
+    kernels.matmul(out, addend, a, trans_a, b, trans_b, beta);
+    return;
+  }
+  const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;
+  if (addend == nullptr) {
+    at::mm_out(out, lhs, rhs);
+  } else {
+    at::addmm_out(out, *addend, lhs, rhs, beta);
+  }
+}
+
+// at::empty without the dispatcher on CPU: a small MLP's step allocates about
+// ten tensors, and at that size each dispatch costs as much as its kernel.
+Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? Tensor(at::detail::empty_cpu(sizes, options))
+                                   : at::empty(sizes, options);
+}
+
+void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g) {
+  if (kernels.column_sums != nullptr) {
+    kernels.column_sums(out, g);
+  } else {
+    at::sum_out(out, g, 0);
+  }
+}
+
+}  // namespace
+
 ForwardResult fused_mlp_forward(
     const DeviceKernels& kernels,
     const Tensor& x,
@@ -127,40 +169,51 @@ ForwardResult fused_mlp_forward(
 
   // Leading dimensions flatten to n rows, as nn.Linear does; the product of the
   // leading sizes (not -1) keeps n = 0 well defined.
-  const int64_t in_features = w1.size(1);
+  const int64_t in_features = w1.size(1), hidden = w1.size(0), out_features = w2.size(0);
   const int64_t n = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  const Tensor x2d = x.reshape({n, in_features});
+  const Tensor x2d = x.dim() == 2 ? x : x.reshape({n, in_features});
+  const auto options = x.options();
 
-  // mm reads transposed and strided operands in place, and returns contiguous z.
-  Tensor z = at::mm(x2d, w1.t());
-  Tensor h = at::empty_like(z);
+  Tensor z = empty({n, hidden}, options);
+  matmul(kernels, z, nullptr, x2d, false, w1, /*trans_b=*/true);
+  Tensor h = empty({n, hidden}, options);
   kernels.bias_activation(z, h, b1, act);
-  Tensor o = b2 ? at::addmm(*b2, h, w2.t()) : at::mm(h, w2.t());
+  Tensor o = empty({n, out_features}, options);
+  matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
-  auto o_shape = x.sizes().vec();
-  o_shape.back() = w2.size(0);
-  Tensor s = weight_decay == 0 ? at::zeros({}, x.options())
-                               : kernels.penalty(w1, w2, weight_decay);
-  return {o.view(o_shape), s, z, h};
+  Tensor s = weight_decay == 0 ? at::zeros({}, options) : kernels.penalty(w1, w2, weight_decay);
+  if (x.dim() != 2) {
+    auto o_shape = x.sizes().vec();
+    o_shape.back() = out_features;
+    o = o.view(o_shape);
+  }
+  return {o, s, z, h};
 }
 
 namespace {
 
 // dW = G^T A + g_s * weight_decay * W: the decay term rides in the product's beta.
-Tensor weight_gradient(
+void weight_gradient(
+    const DeviceKernels& kernels,
+    Tensor& dw,
     const Tensor& g,
     const Tensor& a,
     const Tensor& w,
     const std::optional<Tensor>& grad_s,
     double weight_decay) {
   if (!grad_s || weight_decay == 0) {
-    return at::mm(g.t(), a);
+    matmul(kernels, dw, nullptr, g, /*trans_a=*/true, a, false);
+  } else if (grad_s->is_cpu()) {
+    // Read in place: item() would be one more dispatch.
+    const double g_s = grad_s->scalar_type() == at::kDouble ? *grad_s->const_data_ptr<double>()
+        : grad_s->scalar_type() == at::kFloat             ? *grad_s->const_data_ptr<float>()
+                                                          : grad_s->item<double>();
+    matmul(kernels, dw, &w, g, /*trans_a=*/true, a, false, g_s * weight_decay);
+  } else {
+    // On an accelerator g_s stays on the device (reading it would synchronize).
+    const Tensor scaled = w * *grad_s;
+    matmul(kernels, dw, &scaled, g, /*trans_a=*/true, a, false, weight_decay);
   }
-  if (grad_s->is_cpu()) {
-    return at::addmm(w, g.t(), a, grad_s->item<double>() * weight_decay);
-  }
-  // On an accelerator g_s stays on the device (reading it would synchronize).
-  return at::addmm(w * *grad_s, g.t(), a, weight_decay);
 }
 
 }  // namespace
@@ -180,41 +233,52 @@ BackwardResult fused_mlp_backward(
   const Activation act = parse_activation(activation);
   const auto [need_dx, need_dw1, need_dw2, need_db1, need_db2] = output_mask;
   const int64_t n = z.size(0);
-  const int64_t out_features = w2.size(0);
+  const int64_t in_features = w1.size(1), hidden = w1.size(0), out_features = w2.size(0);
   TORCH_CHECK(
       grad_o.numel() == n * out_features,
       "fused_mlp_backward: expected grad_o with ", n, " x ", out_features,
       " elements, but got grad_o.shape = ", grad_o.sizes());
-  const Tensor g_o = grad_o.reshape({n, out_features});
+  const Tensor g_o = grad_o.dim() == 2 ? grad_o : grad_o.reshape({n, out_features});
+  const auto options = z.options();
 
   Tensor dx, dw1, dw2, db1, db2;
   if (need_dw2) {
-    Tensor hidden;
+    Tensor saved_h;
     if (h) {
-      hidden = *h;
+      saved_h = *h;
     } else {
       // save_hidden=False: H = phi(Z) again, by the forward's own kernel (bitwise the
       // same H); without b1 the kernel leaves z as it is.
       Tensor z_contiguous = z.contiguous();
-      hidden = at::empty_like(z_contiguous);
-      kernels.bias_activation(z_contiguous, hidden, std::nullopt, act);
+      saved_h = empty(z_contiguous.sizes(), options);
+      kernels.bias_activation(z_contiguous, saved_h, std::nullopt, act);
     }
-    dw2 = weight_gradient(g_o, hidden, w2, grad_s, weight_decay);
+    dw2 = empty({out_features, hidden}, options);
+    weight_gradient(kernels, dw2, g_o, saved_h, w2, grad_s, weight_decay);
   }
   if (need_db2) {
-    db2 = g_o.sum(0);
+    db2 = empty({out_features}, options);
+    column_sums(kernels, db2, g_o);
   }
   if (need_dx || need_dw1 || need_db1) {
-    Tensor g = at::mm(g_o, w2);  // G_H, turned into G_Z in place
+    Tensor g = empty({n, hidden}, options);  // G_H, turned into G_Z in place
+    matmul(kernels, g, nullptr, g_o, false, w2, false);
     if (need_db1) {
-      db1 = at::empty({w1.size(0)}, g.options());
+      db1 = empty({hidden}, options);
     }
     kernels.activation_backward(g, z.contiguous(), db1, act);
     if (need_dw1) {
-      dw1 = weight_gradient(g, x.reshape({n, w1.size(1)}), w1, grad_s, weight_decay);
+      dw1 = empty({hidden, in_features}, options);
+      weight_gradient(
+          kernels, dw1, g, x.dim() == 2 ? x : x.reshape({n, in_features}), w1, grad_s,
+          weight_decay);
     }
     if (need_dx) {
-      dx = at::mm(g, w1).view(x.sizes());
+      dx = empty({n, in_features}, options);
+      matmul(kernels, dx, nullptr, g, false, w1, false);
+      if (x.dim() != 2) {
+        dx = dx.view(x.sizes());
+      }
     }
   }
   return {dx, dw1, dw2, db1, db2};
@@ -235,6 +299,20 @@ Tensor activation_op(const Tensor& z, Activation act) {
   TORCH_INTERNAL_ASSERT(false, "unreachable");
 }
 
+// The dispatcher's typed handle of fused_mlp_forward (looked up once).
+const c10::TypedOperatorHandle<ForwardResult(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double)>&
+forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
+                             .typed<ForwardResult(
+                                 const Tensor&, const Tensor&, const Tensor&,
+                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                 c10::string_view, double)>();
+  return op;
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -253,13 +331,10 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       std::string_view activation,
       double weight_decay,
       bool save_hidden) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
-                         .typed<ForwardResult(
-                             const Tensor&, const Tensor&, const Tensor&,
-                             const std::optional<Tensor>&, const std::optional<Tensor>&,
-                             c10::string_view, double)>();
-    auto [o, s, z, h] = op.call(x, w1, w2, b1, b2, activation, weight_decay);
+    // Function::apply turns grad mode off but leaves the autograd keys on: skip
+    // them, or the call would go through the (boxed) autograd fallback.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
     ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor()});
     ctx->saved_data["activation"] = static_cast<int64_t>(parse_activation(activation));
     ctx->saved_data["weight_decay"] = weight_decay;
@@ -296,6 +371,9 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
                                const Tensor&, const Tensor&, const Tensor&,
                                const std::optional<Tensor>&, c10::string_view, double,
                                std::array<bool, 5>)>();
+      // fused_mlp_backward has no autograd kernel of its own: go straight to
+      // the device kernel instead of through the (boxed) autograd fallback.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(dx, dw1, dw2, db1, db2) = op.call(
           grad_o, grad_s.defined() ? std::optional<Tensor>(grad_s) : std::nullopt, x, w1, w2,
           z, h.defined() ? std::optional<Tensor>(h) : std::nullopt,
@@ -359,6 +437,19 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
   }
 };
 
+// Whether the call must be recorded for a derivative: backward (grad mode on
+// and an input requiring grad) or forward mode (an input with a tangent, which
+// FusedMLPFunction rejects with a clear error).
+bool needs_autograd(std::initializer_list<const Tensor*> inputs) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const Tensor* t : inputs) {
+    if (t->defined() && ((grad_mode && t->requires_grad()) || t->_fw_grad(0).defined())) {
+      return true;
+    }
+  }
+  return false;
+}
+
 std::tuple<Tensor, Tensor> fused_mlp_autograd(
     const Tensor& x,
     const Tensor& w1,
@@ -368,6 +459,13 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
     c10::string_view activation,
     double weight_decay,
     bool save_hidden) {
+  const Tensor none;
+  if (!needs_autograd({&x, &w1, &w2, b1 ? &*b1 : &none, b2 ? &*b2 : &none})) {
+    // Inference: no autograd node to build, nothing to save.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
+    return {o, s};
+  }
   auto outputs =
       FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
   return {outputs[0], outputs[1]};

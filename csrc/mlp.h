@@ -1,9 +1,10 @@
 // The fused MLP operator: what the device-independent part (mlp.cpp) and the
 // device kernels (mlp_cpu.cpp, cuda/) share.
 //
-// The matrix products go through ATen on every device; a device supplies the
-// two fused elementwise passes and the regularization term through
-// DeviceKernels, and registers its ops with make_forward/make_backward.
+// A device supplies the two fused elementwise passes and the regularization
+// term through DeviceKernels (and, optionally, its own matrix products and
+// column sums; ATen's otherwise), and registers its ops with
+// fused_mlp_forward / fused_mlp_backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,6 +44,15 @@ struct DeviceKernels {
   Tensor (*penalty)(const Tensor& w1, const Tensor& w2, double weight_decay);
   // Whether float16 / bfloat16 inputs are accepted.
   bool reduced_precision;
+  // Optional (null: ATen's addmm / mm). out (m x n, contiguous) =
+  // beta * addend + op(a) op(b), op(t) = t^T where trans_t; addend is absent
+  // (out = op(a) op(b)), of out's shape, or a row of out's width broadcast
+  // over the rows.
+  void (*matmul)(
+      Tensor& out, const Tensor* addend, const Tensor& a, bool trans_a, const Tensor& b,
+      bool trans_b, double beta) = nullptr;
+  // Optional (null: ATen's sum). out (width) = column sums of g (rows x width).
+  void (*column_sums)(Tensor& out, const Tensor& g) = nullptr;
 };
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h

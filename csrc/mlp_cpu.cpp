@@ -1,170 +1,256 @@
-// CPU kernels of the fused MLP: the two elementwise passes and the
-// regularization term, vectorized with ATen's Vectorized and parallel over rows
-// (forward) or row blocks x column blocks (backward, deterministic sums).
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
+// The CPU operator: the elementwise kernels (mlp_cpu_kernels*.cpp, the widest
+// instruction set the CPU has), the matrix products, and the registration.
+//
+// The matrix products skip ATen's dispatch and go straight to the library:
+// oneDNN (inside torch) for float32 products that are large enough to win by
+// it, and the BLAS that torch links (MKL) otherwise. At small sizes the
+// operator's time is per-call overhead, so every ATen call saved counts; at
+// large sizes oneDNN's float32 GEMM is up to ~2x faster than MKL's sgemm on
+// CPUs MKL does not tune for (AMD), which is what nn.Linear uses.
+#include <ATen/Context.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <vector>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "mlp.h"
+#include "mlp_cpu_kernels.h"
+
+// The GEMM entry points torch's own CPU kernels call: the Fortran BLAS that
+// libtorch_cpu exports (MKL or OpenBLAS, LP64), and ATen's oneDNN matmul. Weak,
+// so that a torch built without them still loads this library; each use checks.
+#if defined(__GNUC__) && defined(__ELF__)
+#define MLP_EXT_WEAK __attribute__((weak))
+#define MLP_EXT_HAVE_WEAK 1
+#else
+#define MLP_EXT_WEAK
+#define MLP_EXT_HAVE_WEAK 0
+#endif
+
+#if MLP_EXT_HAVE_WEAK
+extern "C" {
+void sgemm_(
+    const char* transa, const char* transb, const int* m, const int* n, const int* k,
+    const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+    const float* beta, float* c, const int* ldc) MLP_EXT_WEAK;
+void dgemm_(
+    const char* transa, const char* transb, const int* m, const int* n, const int* k,
+    const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+    const double* beta, double* c, const int* ldc) MLP_EXT_WEAK;
+}
+namespace at::native {
+// ATen/native/mkldnn/Matmul.h (not installed): result = beta * result + alpha * mat1 @ mat2.
+TORCH_API void mkldnn_matmul(
+    const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+    float alpha) MLP_EXT_WEAK;
+}  // namespace at::native
+#endif
 
 namespace mlp_ext {
-
-template <typename T>
-struct Math<at::vec::Vectorized<T>> {
-  using V = at::vec::Vectorized<T>;
-  static V constant(double c) { return V(static_cast<T>(c)); }
-  static V exp(V x) { return x.exp(); }
-  static V tanh(V x) { return x.tanh(); }
-  static V erf(V x) { return x.erf(); }
-  static V relu(V x) { return at::vec::maximum(x, V(T(0))); }  // propagates NaN
-  static V step(V x) { return V::blendv(V(T(1)), V(T(0)), x <= V(T(0))); }
-};
-
 namespace {
 
-// Elements per parallel task: below this a pass runs on the calling thread.
-constexpr int64_t kGrainElements = 32768;
+// ---------------------------------------------------------------- elementwise
 
-template <typename T>
-T* data_or_null(const std::optional<Tensor>& t) {
-  return t ? t->data_ptr<T>() : nullptr;
-}
-
-template <typename T, typename A>
-void bias_activation_rows(T* z, T* h, const T* b1, int64_t rows, int64_t width) {
-  using V = at::vec::Vectorized<T>;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* zr = z + i * width;
-      T* hr = h + i * width;
-      int64_t j = 0;
-      for (; j + V::size() <= width; j += V::size()) {
-        V v = V::loadu(zr + j);
-        if (b1) {
-          v = v + V::loadu(b1 + j);
-          v.store(zr + j);
-        }
-        A::forward(v).store(hr + j);
-      }
-      for (; j < width; ++j) {
-        const T v = b1 ? zr[j] + b1[j] : zr[j];
-        zr[j] = v;
-        hr[j] = A::forward(v);
-      }
+const CpuKernelTable& cpu_kernels() {
+  // ATen's own choice (it honours ATEN_CPU_CAPABILITY), narrowed to what we built.
+  static const CpuKernelTable* table = [] {
+    const std::string capability = at::get_cpu_capability();
+    const CpuKernelTable* chosen = nullptr;
+    if (capability == "AVX512") {
+      chosen = cpu_kernels_avx512();
     }
-  });
+    if (chosen == nullptr && (capability == "AVX512" || capability == "AVX2")) {
+      chosen = cpu_kernels_avx2();
+    }
+    return chosen != nullptr ? chosen : cpu_kernels_default();
+  }();
+  return *table;
 }
 
 void bias_activation_cpu(Tensor& z, Tensor& h, const std::optional<Tensor>& b1, Activation act) {
   const std::optional<Tensor> bias = b1 ? std::optional<Tensor>(b1->contiguous()) : std::nullopt;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_mlp_bias_activation", [&] {
-    visit_activation(act, [&](auto a) {
-      bias_activation_rows<scalar_t, decltype(a)>(
-          z.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias),
-          z.size(0), z.size(1));
-    });
-  });
-}
-
-// g <- g * phi'(z) over a rows x width matrix; colsum (if not null) gets the
-// column sums. Rows are split into a number of blocks that depends on the
-// shape only, so the sums are the same whatever the thread count.
-template <typename T, typename A>
-void activation_backward_rows(T* g, const T* z, T* colsum, int64_t rows, int64_t width) {
-  using V = at::vec::Vectorized<T>;
-  constexpr int64_t kColumnBlock = 256;
-  constexpr int64_t kRowsPerBlock = 1024;
-  const int64_t column_blocks = std::max<int64_t>(1, (width + kColumnBlock - 1) / kColumnBlock);
-  const int64_t row_blocks =
-      colsum ? std::clamp<int64_t>(rows / kRowsPerBlock, 1, 64) : std::max<int64_t>(rows, 1);
-  const int64_t rows_per_block = (rows + row_blocks - 1) / row_blocks;
-  // One partial sum row per row block; with a single block, sum into colsum.
-  std::vector<T> partial(colsum && row_blocks > 1 ? row_blocks * width : 0);
-  const int64_t tasks = row_blocks * column_blocks;
-  const int64_t grain =
-      std::max<int64_t>(1, kGrainElements / std::max<int64_t>(rows_per_block * kColumnBlock, 1));
-
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t rb = task / column_blocks, cb = task % column_blocks;
-      const int64_t r0 = rb * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
-      const int64_t c0 = cb * kColumnBlock, c1 = std::min(width, c0 + kColumnBlock);
-      T* sum = colsum == nullptr ? nullptr : (partial.empty() ? colsum : &partial[rb * width]);
-      if (sum) {
-        std::fill(sum + c0, sum + c1, T(0));
-      }
-      for (int64_t i = r0; i < r1; ++i) {
-        T* gr = g + i * width;
-        const T* zr = z + i * width;
-        int64_t j = c0;
-        for (; j + V::size() <= c1; j += V::size()) {
-          const V gz = V::loadu(gr + j) * A::derivative(V::loadu(zr + j));
-          gz.store(gr + j);
-          if (sum) {
-            (V::loadu(sum + j) + gz).store(sum + j);
-          }
-        }
-        for (; j < c1; ++j) {
-          gr[j] *= A::derivative(zr[j]);
-          if (sum) {
-            sum[j] += gr[j];
-          }
-        }
-      }
-    }
-  });
-  if (!partial.empty()) {
-    std::copy(partial.begin(), partial.begin() + width, colsum);
-    for (int64_t rb = 1; rb < row_blocks; ++rb) {
-      for (int64_t j = 0; j < width; ++j) {
-        colsum[j] += partial[rb * width + j];
-      }
-    }
-  }
+  cpu_kernels().bias_activation(
+      z.scalar_type(), act, z.data_ptr(), h.data_ptr(), bias ? bias->const_data_ptr() : nullptr,
+      z.size(0), z.size(1));
 }
 
 void activation_backward_cpu(Tensor& g, const Tensor& z, Tensor& db1, Activation act) {
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fused_mlp_activation_backward", [&] {
-    visit_activation(act, [&](auto a) {
-      activation_backward_rows<scalar_t, decltype(a)>(
-          g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-          db1.defined() ? db1.data_ptr<scalar_t>() : nullptr, g.size(0), g.size(1));
-    });
-  });
+  cpu_kernels().activation_backward(
+      g.scalar_type(), act, g.data_ptr(), z.const_data_ptr(),
+      db1.defined() ? db1.data_ptr() : nullptr, g.size(0), g.size(1));
 }
 
-// Sum of squares in vector lanes of T, folded into double every chunk so that
-// float32 weights of any size keep float32 accuracy.
-template <typename T>
-double sum_of_squares(const T* data, int64_t size) {
-  using V = at::vec::Vectorized<T>;
-  constexpr int64_t kChunk = 4096;
-  double total = 0;
-  for (int64_t i = 0; i < size; i += kChunk) {
-    total += at::vec::map_reduce_all<T>(
-        [](V v) { return v * v; }, [](V a, V b) { return a + b; }, data + i,
-        std::min(kChunk, size - i));
-  }
-  return total;
+void column_sums_cpu(Tensor& out, const Tensor& g) {
+  const Tensor gc = g.contiguous();
+  cpu_kernels().column_sums(g.scalar_type(), gc.const_data_ptr(), out.data_ptr(), gc.size(0), gc.size(1));
 }
 
 Tensor penalty_cpu(const Tensor& w1, const Tensor& w2, double weight_decay) {
   const Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+  const auto& k = cpu_kernels();
+  const double squares = k.sum_of_squares(w1.scalar_type(), w1c.const_data_ptr(), w1c.numel()) +
+      k.sum_of_squares(w2.scalar_type(), w2c.const_data_ptr(), w2c.numel());
   Tensor s = at::empty({}, w1.options());
-  AT_DISPATCH_FLOATING_TYPES(w1.scalar_type(), "fused_mlp_penalty", [&] {
-    const double squares = sum_of_squares(w1c.data_ptr<scalar_t>(), w1c.numel()) +
-        sum_of_squares(w2c.data_ptr<scalar_t>(), w2c.numel());
-    *s.data_ptr<scalar_t>() = static_cast<scalar_t>(0.5 * weight_decay * squares);
-  });
+  if (s.scalar_type() == at::kDouble) {
+    *s.data_ptr<double>() = 0.5 * weight_decay * squares;
+  } else {
+    *s.data_ptr<float>() = static_cast<float>(0.5 * weight_decay * squares);
+  }
   return s;
 }
 
-const DeviceKernels kCpuKernels{
-    bias_activation_cpu, activation_backward_cpu, penalty_cpu, /*reduced_precision=*/false};
+// ---------------------------------------------------------------- matrix products
+
+// A 2-D tensor as BLAS sees it: column-major data with leading dimension ld,
+// read transposed or not. `owner` keeps a contiguous copy alive when needed.
+struct BlasMatrix {
+  Tensor owner;
+  const void* data;
+  int ld;
+  bool transposed;
+};
+
+bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+// op(t)^T for BLAS (column-major), where op(t) = t^T if trans: a row-major
+// (m x k) matrix is the column-major (k x m) one.
+BlasMatrix blas_operand(const Tensor& t, bool trans) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  const int64_t s0 = t.stride(0), s1 = t.stride(1);
+  // Row-major: rows apart by s0 >= cols; column-major: columns apart by s1 >= rows.
+  if ((s1 == 1 || cols <= 1) && (rows <= 1 || s0 >= std::max<int64_t>(cols, 1)) &&
+      fits_int(s0)) {
+    return {Tensor(), t.const_data_ptr(), static_cast<int>(std::max<int64_t>({rows <= 1 ? cols : s0, cols, 1})), trans};
+  }
+  if ((s0 == 1 || rows <= 1) && (cols <= 1 || s1 >= std::max<int64_t>(rows, 1)) &&
+      fits_int(s1)) {
+    return {Tensor(), t.const_data_ptr(), static_cast<int>(std::max<int64_t>({cols <= 1 ? rows : s1, rows, 1})), !trans};
+  }
+  Tensor copy = t.contiguous();
+  return {copy, copy.const_data_ptr(), static_cast<int>(std::max<int64_t>(cols, 1)), trans};
+}
+
+template <typename T>
+bool blas_gemm(
+    Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta,
+    int64_t m, int64_t n, int64_t k) {
+#if MLP_EXT_HAVE_WEAK
+  constexpr bool is_double = std::is_same_v<T, double>;
+  if ((is_double ? dgemm_ == nullptr : sgemm_ == nullptr) || !fits_int(m) || !fits_int(n) ||
+      !fits_int(k)) {
+    return false;
+  }
+  // Row-major out (m x n) = op(a) op(b) is column-major out^T = op(b)^T op(a)^T.
+  const BlasMatrix lhs = blas_operand(b, trans_b), rhs = blas_operand(a, trans_a);
+  const char tl = lhs.transposed ? 'T' : 'N', tr = rhs.transposed ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int ldc = static_cast<int>(std::max<int64_t>(n, 1));
+  const T alpha = 1, beta_t = static_cast<T>(beta);
+  const T* lhs_data = static_cast<const T*>(lhs.data);
+  const T* rhs_data = static_cast<const T*>(rhs.data);
+  if constexpr (is_double) {
+    dgemm_(&tl, &tr, &M, &N, &K, &alpha, lhs_data, &lhs.ld, rhs_data, &rhs.ld, &beta_t,
+           out.data_ptr<T>(), &ldc);
+  } else {
+    sgemm_(&tl, &tr, &M, &N, &K, &alpha, lhs_data, &lhs.ld, rhs_data, &rhs.ld, &beta_t,
+           out.data_ptr<T>(), &ldc);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Where oneDNN's float32 matmul beats the BLAS sgemm, measured on the
+// benchmark's shapes (benchmarks/benchmark.py reports both per product): it
+// costs some tens of microseconds more per call, and wins by up to ~2x once a
+// product has enough work.
+bool use_onednn(int64_t m, int64_t n, int64_t k) {
+  static const int mode = [] {
+    // MLP_EXT_CPU_GEMM=blas|onednn forces one library (for measurements).
+    const char* env = std::getenv("MLP_EXT_CPU_GEMM");
+    const std::string v = env ? env : "";
+    return v == "blas" ? 0 : v == "onednn" ? 1 : 2;
+  }();
+  if (mode != 2) {
+    return mode == 1;
+  }
+  constexpr int64_t kMinWork = int64_t(1) << 24;  // multiply-adds
+  return m * n * k >= kMinWork && std::min({m, n, k}) >= 64;
+}
+
+bool onednn_gemm(
+    Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta,
+    int64_t m, int64_t n, int64_t k) {
+#if MLP_EXT_HAVE_WEAK
+  // ATen's float32 oneDNN matmul insists on AVX-512 (BW, VL, DQ) on x86; ATen's
+  // AVX512 capability implies them.
+  static const bool usable = at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
+      at::get_cpu_capability() == "AVX512";
+  if (!usable || out.scalar_type() != at::kFloat || !at::globalContext().userEnabledMkldnn() ||
+      !use_onednn(m, n, k)) {
+    return false;
+  }
+  // oneDNN reads row-major and transposed operands in place (copies others).
+  at::native::mkldnn_matmul(
+      trans_a ? a.t() : a, trans_b ? b.t() : b, out, static_cast<float>(beta), 1.0f);
+  return true;
+#else
+  return false;
+#endif
+}
+
+// out (m x n, contiguous) = beta * addend + op(a) op(b); see DeviceKernels::matmul.
+void matmul_cpu(
+    Tensor& out, const Tensor* addend, const Tensor& a, bool trans_a, const Tensor& b,
+    bool trans_b, double beta) {
+  const int64_t m = out.size(0), n = out.size(1), k = trans_a ? a.size(0) : a.size(1);
+  if (m == 0 || n == 0) {
+    return;
+  }
+  // The addend goes into out first; the product adds to it with BLAS's beta.
+  if (addend != nullptr && beta != 0) {
+    const Tensor add = addend->contiguous();
+    const size_t row_bytes = n * out.element_size();
+    char* dst = static_cast<char*>(out.data_ptr());
+    if (add.dim() == 1) {
+      for (int64_t i = 0; i < m; ++i) {
+        std::memcpy(dst + i * row_bytes, add.const_data_ptr(), row_bytes);
+      }
+    } else {
+      std::memcpy(dst, add.const_data_ptr(), m * row_bytes);
+    }
+  } else {
+    beta = 0;  // out's contents are ignored
+  }
+  if (k == 0) {
+    beta == 0 ? out.zero_() : out.mul_(beta);
+    return;
+  }
+  if (out.scalar_type() == at::kFloat) {
+    if (onednn_gemm(out, a, trans_a, b, trans_b, beta, m, n, k) ||
+        blas_gemm<float>(out, a, trans_a, b, trans_b, beta, m, n, k)) {
+      return;
+    }
+  } else if (blas_gemm<double>(out, a, trans_a, b, trans_b, beta, m, n, k)) {
+    return;
+  }
+  const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;
+  beta == 0 ? at::mm_out(out, lhs, rhs) : at::addmm_out(out, out, lhs, rhs, beta);
+}
+
+DeviceKernels make_cpu_kernels() {
+  DeviceKernels k{bias_activation_cpu, activation_backward_cpu, penalty_cpu,
+                  /*reduced_precision=*/false};
+  k.matmul = matmul_cpu;
+  k.column_sums = column_sums_cpu;
+  return k;
+}
+
+const DeviceKernels kCpuKernels = make_cpu_kernels();
 
 }  // namespace
 

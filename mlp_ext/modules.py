@@ -19,6 +19,17 @@ _MODULES = {
 }
 
 
+def _attribute(module: nn.Module, name: str):
+    """module.<name>, read from module._parameters when it is there.
+
+    Plain `module.weight` goes through nn.Module.__getattr__, which costs about
+    as much as a small MLP's whole forward; a parametrized weight is no longer
+    in _parameters and takes that usual route.
+    """
+    parameters = module._parameters
+    return parameters[name] if name in parameters else getattr(module, name)
+
+
 def _activation_name(module: nn.Module) -> str:
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_tanh"
@@ -87,10 +98,11 @@ class FusedMLP(nn.Module):
         return self.fc2.out_features
 
     def forward(self, x: Tensor, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        o, s = fused_mlp(
-            x, self.fc1.weight, self.fc2.weight, self.fc1.bias, self.fc2.bias,
-            activation=self.activation, weight_decay=self.weight_decay,
-            save_hidden=self.save_hidden)
+        fc1, fc2 = self._modules["fc1"], self._modules["fc2"]
+        o, s = fused_mlp(x, _attribute(fc1, "weight"), _attribute(fc2, "weight"),
+                         _attribute(fc1, "bias"), _attribute(fc2, "bias"),
+                         activation=self.activation, weight_decay=self.weight_decay,
+                         save_hidden=self.save_hidden)
         return (o, s) if return_penalty else o
 
     def extra_repr(self) -> str:

@@ -92,16 +92,23 @@ def test_s_is_zero_without_weight_decay_and_differentiable_with(device):
 
 
 def test_only_needed_gradients_are_computed(device):
-    """With only w2 requiring grad, the backward op skips G_H, dW1, dX, db1."""
+    """With only w2 requiring grad, the node asks the backward op for dW2 alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BackwardSpy(TorchDispatchMode):
+        masks = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.mlp_ext.fused_mlp_backward.default:
+                self.masks.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
     x, w1, w2, b1, b2 = make_inputs(device=device, requires_grad=False)
     w2.requires_grad_()
     o, s = mlp_ext.fused_mlp(x, w1, w2, b1, b2, activation="tanh", weight_decay=0.1)
-    with torch.profiler.profile() as prof:
+    with BackwardSpy():
         (o.sum() + s).backward()
-    names = [e.name for e in prof.events()]
-    assert "mlp_ext::fused_mlp_backward" in names
-    # Only dW2 = G_O^T H + g_s lambda W2 is formed: one product, no G_H = G_O W2.
-    assert names.count("aten::mm") + names.count("aten::addmm") == 1
+    assert BackwardSpy.masks == [[False, False, True, False, False]]
     o_ref, s_ref = reference.fused_mlp(x, w1, w2, b1, b2, activation="tanh", weight_decay=0.1)
     (ref,) = torch.autograd.grad(o_ref.sum() + s_ref, w2)
     torch.testing.assert_close(w2.grad, ref)

@@ -1,0 +1,591 @@
+"""The fused MLP operator against the same MLP built from nn.Linear.
+
+For every case (batch n, in d, hidden h, out q; dtype; activation) it builds
+nn.Sequential(nn.Linear(d, h), activation, nn.Linear(h, q)) and a FusedMLP
+with a copy of the same weights, checks that both give the same outputs, loss
+and gradients, and only then times, in one process:
+
+* inference: o = mlp(x) under torch.no_grad();
+* training step: forward, cross-entropy loss plus the L2 term
+  s = weight_decay/2 (||W1||^2 + ||W2||^2) (the fused side gets s from the same
+  fused call, the nn.Linear side computes it from the weights), backward;
+* the GEMM floor: the bare matrix products of that step, each one timed on
+  every CPU GEMM path torch offers (torch.mm, oneDNN), the fastest counted;
+* optionally (--compile) torch.compile of the nn.Linear Sequential.
+
+Times are medians over interleaved rounds taken after warm-up: every round
+runs each side once (a block of calls long enough to time), in alternating
+order, so that a load change on a shared machine hits both sides alike.
+
+Output: a Markdown table on stdout, and <out>/<device>.json (every figure,
+with the machine, torch version, thread count and date), <out>/<device>.md
+(the table) and <out>/<device>.png (a plot of the ratios).
+
+    python benchmarks/benchmark.py                      # the default sweep
+    python benchmarks/benchmark.py --quick              # a fast smoke run
+    python benchmarks/benchmark.py --shapes 64x64x64x64 --dtype float32 --activation gelu
+    python benchmarks/benchmark.py --device cuda --tf32 off --compile
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mlp_ext
+from mlp_ext import FusedMLP
+
+DEFAULT_SHAPES = [(1, 16, 16, 16), (64, 64, 64, 64), (32, 784, 256, 10), (256, 784, 256, 10),
+                  (4096, 1024, 1024, 1024)]
+DEFAULT_DTYPES = ["float32", "float64"]
+DEFAULT_ACTIVATIONS = ["relu", "gelu"]
+QUICK_SHAPES = [(1, 16, 16, 16), (32, 64, 48, 10)]
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+ACTIVATION_MODULES = {
+    "identity": nn.Identity, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "gelu": lambda: nn.GELU(approximate="none"), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+}
+MODES = ("inference", "train")
+
+
+# --------------------------------------------------------------------------- the two MLPs
+
+@dataclasses.dataclass
+class Side:
+    """One implementation of the MLP: o = forward(x), (o, s) = with_penalty(x)."""
+    name: str
+    forward: Callable[[Tensor], Tensor]
+    with_penalty: Callable[[Tensor], Tuple[Tensor, Tensor]]
+    params: List[Tensor]  # w1, b1, w2, b2
+
+
+def make_sides(shape, dtype, activation, device, weight_decay, compile_eager) -> List[Side]:
+    """The nn.Linear Sequential ("eager"), a FusedMLP with a copy of its weights
+    ("fused") and, if asked, torch.compile of a third copy of the Sequential."""
+    _, d, h, q = shape
+    seq = nn.Sequential(nn.Linear(d, h), ACTIVATION_MODULES[activation](), nn.Linear(h, q))
+    seq = seq.to(device=device, dtype=dtype)
+
+    def linear_side(name, module, layers):
+        w1, w2 = layers[0].weight, layers[2].weight
+
+        def with_penalty(x):
+            # The usual way to add L2 regularization to the loss.
+            return module(x), weight_decay / 2 * (w1.square().sum() + w2.square().sum())
+
+        params = [layers[0].weight, layers[0].bias, layers[2].weight, layers[2].bias]
+        return Side(name, module, with_penalty, params)
+
+    fused = FusedMLP.from_sequential(seq, weight_decay=weight_decay, copy_weights=True)
+    sides = [
+        linear_side("eager", seq, seq),
+        Side("fused", fused, lambda x: fused(x, return_penalty=True),
+             [fused.fc1.weight, fused.fc1.bias, fused.fc2.weight, fused.fc2.bias]),
+    ]
+    if compile_eager:
+        twin = copy.deepcopy(seq)
+        sides.append(linear_side("compiled", torch.compile(twin), twin))
+    return sides
+
+
+def make_batch(shape, dtype, device, generator):
+    n, d, _, q = shape
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    y = torch.randint(0, q, (n,), generator=generator).to(device)
+    return x, y
+
+
+def train_step(side: Side, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    """One training step: gradients reset, J = cross_entropy(o, y) + s, backward."""
+    params = side.params
+
+    def step():
+        for p in params:
+            p.grad = None
+        o, s = side.with_penalty(x)
+        loss = F.cross_entropy(o, y) + s
+        loss.backward()
+        return loss
+
+    return step
+
+
+def inference(side: Side, x: Tensor) -> Callable[[], Tensor]:
+    forward = side.forward
+    return lambda: forward(x)
+
+
+# --------------------------------------------------------------------------- verification
+
+class VerificationError(AssertionError):
+    pass
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-10, torch.float32: 2e-4}.get(dtype, 2e-2)
+
+
+def check_close(what: str, actual: Tensor, expected: Tensor, tol: float) -> None:
+    """|actual - expected| <= tol * (|expected| + max|expected|), NaN where NaN."""
+    if actual.shape != expected.shape:
+        raise VerificationError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = e.abs().max().item() if e.numel() else 0.0
+    bad = (a - e).abs() > tol * (e.abs() + scale)
+    bad |= a.isnan() != e.isnan()
+    if bad.any():
+        worst = (a - e).abs().nan_to_num(float("inf")).max().item()
+        raise VerificationError(
+            f"{what}: {int(bad.sum())} of {a.numel()} elements differ (max |difference| {worst:.3g}, "
+            f"tolerance {tol:g} relative, scale {scale:.3g})")
+
+
+def verify(sides: Sequence[Side], x: Tensor, y: Tensor) -> None:
+    """Outputs, s, loss and all four gradients of every side equal the first side's."""
+    tol = tolerance(x.dtype)
+    results = []
+    for side in sides:
+        with torch.no_grad():
+            o_inference = side.forward(x)
+        loss = train_step(side, x, y)()
+        o, s = side.with_penalty(x)
+        results.append((o_inference, o, s, loss, [p.grad for p in side.params]))
+    ref_name = sides[0].name
+    for side, result in zip(sides[1:], results[1:]):
+        names = ("inference output", "output", "penalty s", "loss")
+        for name, actual, expected in zip(names, result[:4], results[0][:4]):
+            check_close(f"{side.name} vs {ref_name}: {name}", actual, expected, tol)
+        for name, actual, expected in zip(("w1", "b1", "w2", "b2"), result[4], results[0][4]):
+            if actual is None or expected is None:
+                raise VerificationError(f"{side.name} vs {ref_name}: gradient of {name} missing")
+            check_close(f"{side.name} vs {ref_name}: gradient of {name}", actual, expected, tol)
+
+
+# --------------------------------------------------------------------------- the GEMM floor
+
+def gemm_products(shape, mode) -> List[Tuple[str, int, int, int, bool, bool]]:
+    """The matrix products of the step: (name, m, k, n, A transposed, B transposed)
+    for C (m x n) = A (m x k) B (k x n), operands laid out as the step has them."""
+    n, d, h, q = shape
+    forward = [("Z = X W1^T", n, d, h, False, True), ("O = H W2^T", n, h, q, False, True)]
+    if mode == "inference":
+        return forward
+    # x needs no gradient (a batch of data), so there is no dX = G_Z W1.
+    return forward + [("dW2 = G_O^T H", q, n, h, True, False),
+                      ("G_H = G_O W2", n, q, h, False, False),
+                      ("dW1 = G_Z^T X", h, n, d, True, False)]
+
+
+def gemm_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
+    backends = ["torch.mm"]
+    if (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        backends.append("oneDNN")
+    return backends
+
+
+def gemm_closure(backend, m, k, n, a_t, b_t, dtype, device, generator):
+    def operand(rows, cols, transposed):
+        t = torch.randn(cols, rows, generator=generator, dtype=torch.float64).t() if transposed \
+            else torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+        return t.to(device=device, dtype=dtype)  # keeps the transposed layout
+
+    a, b = operand(m, k, a_t), operand(k, n, b_t)
+    if backend == "torch.mm":
+        c = torch.empty(m, n, device=device, dtype=dtype)
+        return lambda: torch.mm(a, b, out=c)
+    # oneDNN's inner product computes A W^T with W (n x k) row-major; laid out
+    # so beforehand, outside the timing.
+    a, w = a.contiguous(), b.t().contiguous()
+    linear = torch.ops.mkldnn._linear_pointwise
+    return lambda: linear(a, w, None, "none", [], None)
+
+
+# --------------------------------------------------------------------------- timing
+
+class Clock:
+    """Wall time of a block of calls; on CUDA the queue is drained before and after."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def block(self, fn: Callable[[], object], calls: int) -> float:
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        self.sync()
+        return (time.perf_counter() - start) / calls
+
+
+def interleaved(closures: Dict[str, Callable[[], object]], clock: Clock, rounds: int,
+                block_seconds: float, progress=None) -> Dict[str, List[float]]:
+    """Per-call seconds of every closure, one value per round.
+
+    Warm-up first (every closure until it has run for block_seconds), then the
+    number of calls per block is fixed per closure so that a block lasts about
+    block_seconds; each round runs every closure's block, the order reversed
+    every other round."""
+    calls = {}
+    for name, fn in closures.items():
+        fn()
+        elapsed, count = 0.0, 0
+        while elapsed < block_seconds or count < 2:
+            t = clock.block(fn, 1)
+            elapsed, count = elapsed + t, count + 1
+        calls[name] = max(1, round(block_seconds / max(elapsed / count, 1e-9)))
+    times = {name: [] for name in closures}
+    names = list(closures)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one side's block would bias it
+    try:
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                times[name].append(clock.block(closures[name], calls[name]))
+            gc.collect()
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+# --------------------------------------------------------------------------- memory
+
+def saved_bytes(side: Side, x: Tensor, y: Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward of one training
+    step beyond the parameters and the batch (which exist anyway), each storage
+    counted once."""
+    exempt = {t.untyped_storage().data_ptr() for t in (*side.params, x, y)}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exempt:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    for p in side.params:
+        p.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, s = side.with_penalty(x)
+        loss = F.cross_entropy(o, y) + s
+    loss.backward()
+    return sum(storages.values())
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory allocated during one call beyond what was allocated before."""
+    torch.cuda.synchronize(device)
+    gc.collect()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# --------------------------------------------------------------------------- one case
+
+def flops(shape, mode) -> int:
+    return sum(2 * m * k * n for _, m, k, n, _, _ in gemm_products(shape, mode))
+
+
+def run_case(shape, dtype_name, activation, args, clock, generator, progress) -> List[dict]:
+    device, dtype = torch.device(args.device), DTYPES[dtype_name]
+    torch.manual_seed(args.seed)
+    sides = make_sides(shape, dtype, activation, device, args.weight_decay, args.compile)
+    x, y = make_batch(shape, dtype, device, generator)
+    verify(sides, x, y)  # raises before anything is timed
+
+    results = []
+    for mode in MODES:
+        closures = {}
+        for side in sides:
+            closures[side.name] = inference(side, x) if mode == "inference" else train_step(side, x, y)
+        products = []
+        for name, m, k, n, a_t, b_t in gemm_products(shape, mode):
+            for backend in gemm_backends(device, dtype):
+                key = f"floor: {name} [{backend}]"
+                closures[key] = gemm_closure(backend, m, k, n, a_t, b_t, dtype, device, generator)
+                products.append((name, backend, key))
+        with torch.no_grad() if mode == "inference" else torch.enable_grad():
+            times = interleaved(closures, clock, args.rounds, args.block_seconds, progress)
+        median = {key: statistics.median(values) for key, values in times.items()}
+
+        floor_products = {}
+        for name, backend, key in products:
+            entry = floor_products.setdefault(name, {"seconds": {}})
+            entry["seconds"][backend] = median[key]
+        for entry in floor_products.values():
+            entry["best"] = min(entry["seconds"], key=entry["seconds"].get)
+        floor = sum(e["seconds"][e["best"]] for e in floor_products.values())
+
+        fl = flops(shape, mode)
+        result = {
+            "shape": dict(zip("ndhq", shape)), "dtype": dtype_name, "activation": activation,
+            "mode": mode, "flops": fl,
+            "seconds": {s.name: median[s.name] for s in sides},
+            "rounds": {s.name: times[s.name] for s in sides},
+            "ratio": median["eager"] / median["fused"],
+            "gflops": {s.name: fl / median[s.name] / 1e9 for s in sides},
+            "floor_seconds": floor,
+            "floor_products": floor_products,
+            "fused_over_floor": median["fused"] / floor,
+        }
+        if "compiled" in median:
+            result["ratio_compiled"] = median["compiled"] / median["fused"]
+        if mode == "train":
+            result["saved_bytes"] = {s.name: saved_bytes(s, x, y) for s in sides}
+        if device.type == "cuda":
+            with torch.no_grad() if mode == "inference" else torch.enable_grad():
+                result["cuda_peak_bytes"] = {s.name: cuda_peak_bytes(closures[s.name], device)
+                                             for s in sides}
+        results.append(result)
+    return results
+
+
+# --------------------------------------------------------------------------- reports
+
+def fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds:.3g} s"
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def markdown_table(results: List[dict]) -> str:
+    compiled = any("ratio_compiled" in r for r in results)
+    cuda = any("cuda_peak_bytes" in r for r in results)
+    head = ["n×d×h×q", "dtype", "act", "mode", "eager", "fused", "**eager/fused**"]
+    if compiled:
+        head += ["compiled", "compiled/fused"]
+    head += ["GEMM floor", "fused/floor", "GFLOP/s eager", "GFLOP/s fused", "saved eager",
+             "saved fused"]
+    if cuda:
+        head += ["peak eager", "peak fused"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in results:
+        s = r["shape"]
+        row = ["×".join(str(s[k]) for k in "ndhq"), r["dtype"], r["activation"], r["mode"],
+               fmt_time(r["seconds"]["eager"]), fmt_time(r["seconds"]["fused"]),
+               f"**{r['ratio']:.2f}×**"]
+        if compiled:
+            row += [fmt_time(r["seconds"]["compiled"]), f"{r['ratio_compiled']:.2f}×"]
+        saved = r.get("saved_bytes", {})
+        row += [fmt_time(r["floor_seconds"]), f"{r['fused_over_floor']:.2f}",
+                f"{r['gflops']['eager']:.3g}", f"{r['gflops']['fused']:.3g}",
+                fmt_bytes(saved.get("eager")), fmt_bytes(saved.get("fused"))]
+        if cuda:
+            row += [fmt_bytes(r["cuda_peak_bytes"]["eager"]), fmt_bytes(r["cuda_peak_bytes"]["fused"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, args) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mlp_ext": mlp_ext.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "mkldnn_enabled": torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "weight_decay": args.weight_decay,
+        "rounds": args.rounds,
+        "block_seconds": args.block_seconds,
+        "compile": args.compile,
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = os.getloadavg()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    return info
+
+
+def plot(results: List[dict], meta: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, ratios = [], {mode: [] for mode in MODES}
+    for r in results:
+        if r["mode"] == MODES[0]:
+            s = r["shape"]
+            labels.append(f"{s['n']}×{s['d']}×{s['h']}×{s['q']}\n{r['dtype']} {r['activation']}")
+        ratios[r["mode"]].append(r["ratio"])
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(labels) + 2), 4.8))
+    positions = range(len(labels))
+    for i, mode in enumerate(MODES):
+        bars = ax.bar([p + (i - 0.5) * width for p in positions], ratios[mode], width,
+                      label="training step" if mode == "train" else "inference")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("speed-up: time nn.Linear / time fused")
+    ax.set_title(f"mlp_ext fused MLP vs nn.Linear on {meta['device']} ({meta['cpu'] if meta['device'] == 'cpu' else meta.get('gpu', '')})\n"
+                 f"torch {meta['torch']}, {meta['threads']} threads, {meta['date'][:10]}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+
+def parse_shape(text: str) -> Tuple[int, int, int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected a shape NxDxHxQ of positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Time the fused MLP operator against nn.Linear (inference and training step).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shapes", type=lambda s: [parse_shape(x) for x in s.split(",")],
+                   help="comma-separated NxDxHxQ (batch x in x hidden x out); default: "
+                        + ",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES))
+    p.add_argument("--dtype", type=lambda s: s.split(","), help="comma-separated, of "
+                   + ", ".join(DTYPES) + f"; default: {','.join(DEFAULT_DTYPES)}")
+    p.add_argument("--activation", type=lambda s: s.split(","), help="comma-separated, of "
+                   + ", ".join(ACTIVATION_MODULES) + f"; default: {','.join(DEFAULT_ACTIVATIONS)}")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--quick", action="store_true",
+                   help="a fast smoke run: two small shapes, float32, relu, few short rounds")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the nn.Linear Sequential")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per case (default 15; 3 with --quick)")
+    p.add_argument("--block-seconds", type=float,
+                   help="length of one side's timed block in a round (default 0.05 s; 0.005 with --quick)")
+    p.add_argument("--weight-decay", type=float, default=1e-3, help="lambda of the L2 term s")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--tf32", choices=("on", "off"), default="off",
+                   help="CUDA: allow TF32 in float32 matrix products (set for both sides alike)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="directory of <device>.json, <device>.md and <device>.png")
+    args = p.parse_args(argv)
+    args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    args.dtype = args.dtype or (["float32"] if args.quick else DEFAULT_DTYPES)
+    args.activation = args.activation or (["relu"] if args.quick else DEFAULT_ACTIVATIONS)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 15
+    if args.block_seconds is None:
+        args.block_seconds = 0.005 if args.quick else 0.05
+    for name in args.dtype:
+        if name not in DTYPES:
+            p.error(f"--dtype: unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    for name in args.activation:
+        if name not in ACTIVATION_MODULES:
+            p.error(f"--activation: unknown activation {name!r}; expected one of "
+                    f"{', '.join(ACTIVATION_MODULES)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if args.rounds < 1 or args.block_seconds <= 0:
+        p.error("--rounds must be >= 1 and --block-seconds > 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # Global settings: whatever they are, both sides run under the same ones.
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    meta = machine_info(device, args)
+    cases = [(s, dt, act) for dt in args.dtype for act in args.activation for s in args.shapes]
+    generator = torch.Generator().manual_seed(args.seed)
+    clock = Clock(device)
+    results = []
+    with tqdm(total=len(cases) * len(MODES) * args.rounds, unit="round", file=sys.stderr,
+              dynamic_ncols=True) as progress:
+        for shape, dtype_name, activation in cases:
+            progress.set_description(f"{'x'.join(map(str, shape))} {dtype_name} {activation}")
+            results += run_case(shape, dtype_name, activation, args, clock, generator, progress)
+    if hasattr(os, "getloadavg"):
+        meta["load_average_at_end"] = os.getloadavg()
+
+    table = markdown_table(results)
+    settings = (f"{meta['device']}" + (f" ({meta['gpu']}, TF32 {args.tf32})" if device.type == "cuda"
+                                        else f" ({meta['cpu']})")
+                + f", torch {meta['torch']}, {meta['threads']} threads, {meta['date']}; "
+                f"medians of {args.rounds} interleaved rounds; weight decay {args.weight_decay:g}")
+    print(f"{settings}\n\n{table}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = device.type
+    report = {"meta": meta, "results": results}
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(f"{settings}\n\n{table}\n")
+    plot(results, meta, args.out / f"{stem}.png")
+    print(f"\nwrote {args.out / stem}.json, .md and .png", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

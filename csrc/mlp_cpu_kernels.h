@@ -1,0 +1,62 @@
+// The CPU elementwise kernels of the fused MLP, compiled once per instruction
+// set (mlp_cpu_kernels*.cpp) and picked at run time by mlp_cpu.cpp.
+//
+// at::vec::Vectorized is only as wide as the CPU_CAPABILITY it is compiled
+// for: without one it is a plain array, and exp / erf / tanh run one scalar at
+// a time. ATen builds its own kernels once per capability; so do we, with
+// `#pragma GCC target` in the files that include mlp_cpu_kernels_impl.h.
+//
+// This header is included by those files *before* the pragma: every header
+// it includes keeps the default target, so the inline functions of torch that
+// several files share are compiled one way only. Only at::vec (which lives in
+// a namespace named after the capability) and our kernels are compiled for the
+// wider instruction set.
+#pragma once
+
+#include <ATen/NumericUtils.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/Math.h>
+#include <ATen/native/cpu/zmath.h>
+#include <c10/core/ScalarType.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16-math.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/complex.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+namespace mlp_ext {
+
+enum class Activation : int64_t;  // activation.h
+
+// Kernels on raw row-major float or double data (dtype says which).
+struct CpuKernelTable {
+  // z (rows x width) += b1 (if not null); h = phi(z).
+  void (*bias_activation)(
+      c10::ScalarType dtype, Activation act, void* z, void* h, const void* b1, int64_t rows,
+      int64_t width);
+  // g (rows x width) *= phi'(z); colsum (if not null, width) = column sums of the new g.
+  void (*activation_backward)(
+      c10::ScalarType dtype, Activation act, void* g, const void* z, void* colsum, int64_t rows,
+      int64_t width);
+  // out (width) = column sums of g (rows x width).
+  void (*column_sums)(c10::ScalarType dtype, const void* g, void* out, int64_t rows, int64_t width);
+  // Sum of the squares of size elements, accumulated in double across chunks.
+  double (*sum_of_squares)(c10::ScalarType dtype, const void* data, int64_t size);
+};
+
+// Null where the compiler or the architecture cannot build that variant.
+const CpuKernelTable* cpu_kernels_default();
+const CpuKernelTable* cpu_kernels_avx2();
+const CpuKernelTable* cpu_kernels_avx512();
+
+}  // namespace mlp_ext

@@ -1,0 +1,215 @@
+// The CPU elementwise kernels, written once over at::vec::Vectorized. Included
+// (after mlp_cpu_kernels.h, and after the capability's #pragma GCC target and
+// CPU_CAPABILITY macros) by one .cpp file per instruction set; it defines
+// CpuKernelTable kTable in namespace mlp_ext::CPU_CAPABILITY.
+//
+// Parallel over rows (forward) or row blocks x column blocks (backward). Column
+// sums are deterministic: the row blocks depend on the shape only, each column
+// is summed row by row within a block, and the blocks are added in order.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "activation.h"
+
+namespace mlp_ext {
+
+template <typename T>
+struct Math<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  static V constant(double c) { return V(static_cast<T>(c)); }
+  static V exp(V x) { return x.exp(); }
+  static V tanh(V x) { return x.tanh(); }
+  static V erf(V x) { return x.erf(); }
+  static V relu(V x) { return at::vec::maximum(x, V(T(0))); }  // propagates NaN
+  // torch's convention (threshold_backward): 0 for z <= 0, else 1, so 1 at NaN.
+  static V step(V x) { return V::blendv(V(T(1)), V(T(0)), x <= V(T(0))); }
+};
+
+namespace CPU_CAPABILITY {
+namespace {
+
+// Elements per parallel task: below this a pass runs on the calling thread.
+constexpr int64_t kGrainElements = 32768;
+
+// Calls f(j, count) over [0, width) in vector steps; the last step may be short
+// (count < V::size()) and is read and written with partial loads / stores, so
+// the formulas only ever run on vectors.
+template <typename V, typename F>
+C10_ALWAYS_INLINE void for_each_vector(int64_t begin, int64_t end, const F& f) {
+  int64_t j = begin;
+  for (; j + V::size() <= end; j += V::size()) {
+    f(j, static_cast<int64_t>(V::size()));
+  }
+  if (j < end) {
+    f(j, end - j);
+  }
+}
+
+template <typename T, typename A>
+void bias_activation_rows(T* z, T* h, const T* b1, int64_t rows, int64_t width) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* zr = z + i * width;
+      T* hr = h + i * width;
+      for_each_vector<V>(0, width, [&](int64_t j, int64_t count) {
+        V v = V::loadu(zr + j, count);
+        if (b1 != nullptr) {
+          v = v + V::loadu(b1 + j, count);
+          v.store(zr + j, count);
+        }
+        A::forward(v).store(hr + j, count);
+      });
+    }
+  });
+}
+
+// Runs block(r0, r1, c0, c1, sum) over a grid of row blocks x column blocks of
+// a rows x width matrix, where sum (width entries, zeroed on [c0, c1)) receives
+// that block's column sums, and writes the total into colsum (if not null).
+template <typename T, typename Block>
+void column_blocks(int64_t rows, int64_t width, T* colsum, const Block& block) {
+  constexpr int64_t kColumnBlock = 256;
+  constexpr int64_t kRowsPerBlock = 1024;
+  const int64_t column_blocks = std::max<int64_t>(1, (width + kColumnBlock - 1) / kColumnBlock);
+  const int64_t row_blocks =
+      colsum ? std::clamp<int64_t>(rows / kRowsPerBlock, 1, 64) : std::max<int64_t>(rows, 1);
+  const int64_t rows_per_block = (rows + row_blocks - 1) / row_blocks;
+  // One partial sum row per row block; with a single block, sum into colsum.
+  std::vector<T> partial(colsum && row_blocks > 1 ? row_blocks * width : 0);
+  const int64_t tasks = row_blocks * column_blocks;
+  const int64_t grain =
+      std::max<int64_t>(1, kGrainElements / std::max<int64_t>(rows_per_block * kColumnBlock, 1));
+
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t rb = task / column_blocks, cb = task % column_blocks;
+      const int64_t r0 = rb * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
+      const int64_t c0 = cb * kColumnBlock, c1 = std::min(width, c0 + kColumnBlock);
+      T* sum = colsum == nullptr ? nullptr : (partial.empty() ? colsum : &partial[rb * width]);
+      if (sum != nullptr) {
+        std::fill(sum + c0, sum + c1, T(0));
+      }
+      block(r0, r1, c0, c1, sum);
+    }
+  });
+  if (!partial.empty()) {
+    std::copy(partial.begin(), partial.begin() + width, colsum);
+    for (int64_t rb = 1; rb < row_blocks; ++rb) {
+      for (int64_t j = 0; j < width; ++j) {
+        colsum[j] += partial[rb * width + j];
+      }
+    }
+  }
+}
+
+template <typename T, typename A>
+void activation_backward_rows(T* g, const T* z, T* colsum, int64_t rows, int64_t width) {
+  using V = at::vec::Vectorized<T>;
+  column_blocks<T>(rows, width, colsum, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* sum) {
+    for (int64_t i = r0; i < r1; ++i) {
+      T* gr = g + i * width;
+      const T* zr = z + i * width;
+      for_each_vector<V>(c0, c1, [&](int64_t j, int64_t count) {
+        const V gz = V::loadu(gr + j, count) * A::derivative(V::loadu(zr + j, count));
+        gz.store(gr + j, count);
+        if (sum != nullptr) {
+          (V::loadu(sum + j, count) + gz).store(sum + j, count);
+        }
+      });
+    }
+  });
+}
+
+template <typename T>
+void column_sums_rows(const T* g, T* out, int64_t rows, int64_t width) {
+  using V = at::vec::Vectorized<T>;
+  column_blocks<T>(rows, width, out, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* sum) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* gr = g + i * width;
+      for_each_vector<V>(c0, c1, [&](int64_t j, int64_t count) {
+        (V::loadu(sum + j, count) + V::loadu(gr + j, count)).store(sum + j, count);
+      });
+    }
+  });
+}
+
+// Sum of squares in vector lanes of T, folded into double every chunk so that
+// float32 weights of any size keep float32 accuracy.
+template <typename T>
+double sum_of_squares_impl(const T* data, int64_t size) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t kChunk = 4096;
+  double total = 0;
+  for (int64_t i = 0; i < size; i += kChunk) {
+    V acc(T(0));
+    for_each_vector<V>(i, std::min(size, i + kChunk), [&](int64_t j, int64_t count) {
+      const V v = V::loadu(data + j, count);
+      acc = at::vec::fmadd(v, v, acc);
+    });
+    T lanes[V::size()];
+    acc.store(lanes);
+    for (int64_t l = 0; l < V::size(); ++l) {
+      total += lanes[l];
+    }
+  }
+  return total;
+}
+
+// The table's entries: the dtype picks T, the activation picks A.
+template <typename F>
+void with_dtype(c10::ScalarType dtype, const F& f) {
+  if (dtype == c10::ScalarType::Double) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+void bias_activation(
+    c10::ScalarType dtype, Activation act, void* z, void* h, const void* b1, int64_t rows,
+    int64_t width) {
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    visit_activation(act, [&](auto a) {
+      bias_activation_rows<T, decltype(a)>(
+          static_cast<T*>(z), static_cast<T*>(h), static_cast<const T*>(b1), rows, width);
+    });
+  });
+}
+
+void activation_backward(
+    c10::ScalarType dtype, Activation act, void* g, const void* z, void* colsum, int64_t rows,
+    int64_t width) {
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    visit_activation(act, [&](auto a) {
+      activation_backward_rows<T, decltype(a)>(
+          static_cast<T*>(g), static_cast<const T*>(z), static_cast<T*>(colsum), rows, width);
+    });
+  });
+}
+
+void column_sums(c10::ScalarType dtype, const void* g, void* out, int64_t rows, int64_t width) {
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    column_sums_rows<T>(static_cast<const T*>(g), static_cast<T*>(out), rows, width);
+  });
+}
+
+double sum_of_squares(c10::ScalarType dtype, const void* data, int64_t size) {
+  double total = 0;
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    total = sum_of_squares_impl<T>(static_cast<const T*>(data), size);
+  });
+  return total;
+}
+
+}  // namespace
+
+const CpuKernelTable kTable{bias_activation, activation_backward, column_sums, sum_of_squares};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace mlp_ext

@@ -1,0 +1,115 @@
+"""The benchmark's --quick path end to end, and its verification step."""
+import importlib.util
+import sys
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("mlp_benchmark", ROOT / "benchmarks" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    report = bench.main(["--quick", "--rounds", "2", "--block-seconds", "0.002", "--out", str(out)])
+    return report, out
+
+
+def test_quick_run_reports_every_case(quick_run, capsys):
+    report, _ = quick_run
+    results = report["results"]
+    cases = {(tuple(r["shape"][k] for k in "ndhq"), r["mode"]) for r in results}
+    assert cases == {(shape, mode) for shape in bench.QUICK_SHAPES for mode in bench.MODES}
+    for r in results:
+        assert set(r["seconds"]) == {"eager", "fused"}
+        assert all(t > 0 for t in r["seconds"].values())
+        assert len(r["rounds"]["fused"]) == 2
+        assert r["ratio"] == pytest.approx(r["seconds"]["eager"] / r["seconds"]["fused"])
+        assert r["fused_over_floor"] == pytest.approx(r["seconds"]["fused"] / r["floor_seconds"])
+        assert r["gflops"]["fused"] == pytest.approx(r["flops"] / r["seconds"]["fused"] / 1e9)
+        products = bench.gemm_products(tuple(r["shape"][k] for k in "ndhq"), r["mode"])
+        assert set(r["floor_products"]) == {name for name, *_ in products}
+        assert r["floor_seconds"] == pytest.approx(
+            sum(p["seconds"][p["best"]] for p in r["floor_products"].values()))
+        if r["mode"] == "train":
+            # Both sides keep the hidden activations; the fused op keeps z and h.
+            n, h = r["shape"]["n"], r["shape"]["h"]
+            assert r["saved_bytes"]["fused"] >= 2 * n * h * 4
+            assert r["saved_bytes"]["eager"] >= n * h * 4
+
+
+def test_quick_run_writes_json_markdown_and_plot(quick_run):
+    report, out = quick_run
+    on_disk = json.loads((out / "cpu.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(report["results"]))
+    meta = on_disk["meta"]
+    for key in ("date", "torch", "cpu", "threads", "device", "platform"):
+        assert meta[key], key
+    assert meta["torch"] == torch.__version__
+    assert meta["threads"] == torch.get_num_threads()
+    table = (out / "cpu.md").read_text()
+    assert "| n×d×h×q |" in table and "**eager/fused**" in table
+    assert table.count("| 1×16×16×16 | float32 | relu |") == 2
+    png = (out / "cpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_verification_accepts_equal_sides():
+    sides = bench.make_sides((4, 6, 5, 3), torch.float32, "gelu", torch.device("cpu"), 1e-2, False)
+    x, y = bench.make_batch((4, 6, 5, 3), torch.float32, "cpu", torch.Generator().manual_seed(0))
+    bench.verify(sides, x, y)
+
+
+@pytest.mark.parametrize("what, change", [
+    ("inference output", lambda fused: fused.params[3].data.add_(1e-2)),  # b2
+    ("gradient of w1", lambda fused: fused.params[0].data.mul_(1.0 + 1e-3)),
+])
+def test_verification_rejects_different_sides(what, change):
+    shape = (8, 6, 5, 3)
+    sides = bench.make_sides(shape, torch.float64, "relu", torch.device("cpu"), 1e-2, False)
+    x, y = bench.make_batch(shape, torch.float64, "cpu", torch.Generator().manual_seed(0))
+    change(sides[1])
+    with pytest.raises(bench.VerificationError, match="fused vs eager"):
+        bench.verify(sides, x, y)
+
+
+def test_verification_catches_a_wrong_penalty():
+    shape = (8, 6, 5, 3)
+    sides = bench.make_sides(shape, torch.float64, "relu", torch.device("cpu"), 1e-2, False)
+    x, y = bench.make_batch(shape, torch.float64, "cpu", torch.Generator().manual_seed(0))
+    eager = sides[0]
+    sides[0] = bench.Side("eager", eager.forward,
+                          lambda x: (eager.forward(x), eager.with_penalty(x)[1] * 2), eager.params)
+    with pytest.raises(bench.VerificationError, match="penalty s"):
+        bench.verify(sides, x, y)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--shapes", "1x2x3"], ["--shapes", "1x2x3x0"], ["--dtype", "int8"],
+    ["--activation", "softmax"], ["--device", "tpu"], ["--rounds", "0"],
+])
+def test_bad_arguments_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_gemm_products_cover_the_step():
+    n, d, h, q = 3, 5, 7, 2
+    train = bench.gemm_products((n, d, h, q), "train")
+    assert bench.flops((n, d, h, q), "inference") == 2 * n * (d * h + h * q)
+    assert bench.flops((n, d, h, q), "train") == 2 * n * (2 * d * h + 3 * h * q)
+    assert [name for name, *_ in train][:2] == [name for name, *_ in bench.gemm_products((n, d, h, q), "inference")]

@@ -1,0 +1,113 @@
+"""The CPU operator's internal paths: every instruction-set variant of the
+elementwise kernels and both GEMM libraries, against the references.
+
+The variant (ATEN_CPU_CAPABILITY) and the GEMM library (MLP_EXT_CPU_GEMM) are
+chosen once per process, so each combination runs in a fresh interpreter.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlp_ext
+from mlp_ext import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Widths that are not multiples of any vector length exercise the partial
+# loads and stores; 300 x 256 x 300 is large enough for the oneDNN path.
+CHECK = textwrap.dedent("""
+    import torch, mlp_ext
+    from mlp_ext import reference
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
+        for n, d, h, q in ((1, 3, 5, 2), (7, 33, 17, 9), (300, 256, 300, 70)):
+            for act in mlp_ext.ACTIVATIONS:
+                x = torch.randn(n, d, dtype=torch.float64)
+                w1 = torch.randn(h, d, dtype=torch.float64) / d ** 0.5
+                w2 = torch.randn(q, h, dtype=torch.float64) / h ** 0.5
+                b1, b2 = torch.randn(h, dtype=torch.float64), torch.randn(q, dtype=torch.float64)
+                g = torch.randn(n, q, dtype=torch.float64)
+                def run(fn, dt):
+                    args = [t.to(dt).requires_grad_() for t in (x, w1, w2, b1, b2)]
+                    o, s = fn(*args, activation=act, weight_decay=0.1)
+                    ((o * g.to(dt)).sum() + 3 * s).backward()
+                    return [o, s] + [a.grad for a in args]
+                got, want = run(mlp_ext.fused_mlp, dtype), run(reference.fused_mlp, torch.float64)
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item())
+    print("ok", torch.backends.cpu.get_cpu_capability())
+""")
+
+
+@pytest.mark.parametrize("capability, gemm", [
+    ("default", "blas"), ("avx2", "blas"), ("avx512", "blas"), ("avx512", "onednn"),
+])
+def test_kernel_variants_and_gemm_libraries(capability, gemm):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MLP_EXT_CPU_GEMM=gemm,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strided_operands(dtype):
+    """Transposed, sliced and expanded operands reach the BLAS / oneDNN calls."""
+    torch.manual_seed(1)
+    x = torch.randn(70, 3, 80, dtype=dtype).transpose(0, 1)[:, ::2]  # (3, 35, 80), strided
+    w1 = torch.randn(96, 80, dtype=dtype).t().contiguous().t()        # column-major
+    w2 = torch.randn(20, 192, dtype=dtype)[:, ::2]                     # row stride 192
+    b1 = torch.randn(192, dtype=dtype)[::2]
+    b2 = torch.randn(1, dtype=dtype).expand(20)
+    args = [t.requires_grad_() if t.is_leaf else t.detach().requires_grad_() for t in (x, w1, w2, b1, b2)]
+    o, s = mlp_ext.fused_mlp(*args, activation="silu", weight_decay=0.05)
+    grad_o = torch.randn(20, 3, 35, dtype=dtype).permute(1, 2, 0)  # non-contiguous grad_o
+    grads = torch.autograd.grad((o * 1).mul(grad_o).sum() + s, args)
+    ref_args = [a.detach().double().requires_grad_() for a in args]
+    ro, rs = reference.fused_mlp(*ref_args, activation="silu", weight_decay=0.05)
+    ref_grads = torch.autograd.grad(ro.mul(grad_o.double()).sum() + rs, ref_args)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(o.double(), ro, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_inference_builds_no_graph():
+    x, w1, w2 = torch.randn(4, 3), torch.randn(5, 3, requires_grad=True), torch.randn(2, 5)
+    with torch.no_grad():
+        o, s = mlp_ext.fused_mlp(x, w1, w2, weight_decay=0.1)
+    assert o.grad_fn is None and not o.requires_grad
+    o, s = mlp_ext.fused_mlp(x, w1, w2, weight_decay=0.1)
+    assert o.grad_fn is not None and s.grad_fn is o.grad_fn
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")  # torch's forward_ad import
+def test_forward_mode_ad_still_raises_clearly():
+    import torch.autograd.forward_ad as fwAD
+    x, w1, w2 = torch.randn(4, 3), torch.randn(5, 3), torch.randn(2, 5)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            mlp_ext.fused_mlp(dual, w1, w2)
+
+
+def test_large_float32_step_matches_float64():
+    """The oneDNN-sized products (and the row-block column sums) in a training step."""
+    torch.manual_seed(2)
+    n, d, h, q = 2500, 256, 320, 128
+    x = torch.randn(n, d, dtype=torch.float64)
+    params = [torch.randn(h, d, dtype=torch.float64) / 16, torch.randn(q, h, dtype=torch.float64) / 18,
+              torch.randn(h, dtype=torch.float64), torch.randn(q, dtype=torch.float64)]
+    def grads(fn, dtype):
+        ps = [p.to(dtype).requires_grad_() for p in params]
+        o, s = fn(x.to(dtype), *ps, activation="gelu", weight_decay=1e-3)
+        torch.nn.functional.cross_entropy(o, torch.arange(n) % q).add(s).backward()
+        return [o] + [p.grad for p in ps]
+    for got, want in zip(grads(mlp_ext.fused_mlp, torch.float32), grads(reference.fused_mlp, torch.float64)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
