@@ -12,7 +12,7 @@ and so does s = lambda/2 (||W1||^2 + ||W2||^2). The backward is local except
 for the input gradient dX = sum_r G_Z,r W1_r, which takes one all_reduce.
 
 Data parallel needs nothing from this module: ``DistributedDataParallel(FusedMLP(...))``
-trains exactly like one process on the concatenated batch (see docs/parallel.md).
+trains exactly like one process on the concatenated batch (see the README).
 
 ``run_local`` starts a process group of spawned processes on this machine
 (loopback only), for trying either mode without a launcher and for the tests.
