@@ -75,12 +75,15 @@ class Side:
     params: List[Tensor]  # w1, b1, w2, b2
 
 
-def make_sides(shape, dtype, activation, device, weight_decay, compile_eager) -> List[Side]:
-    """The nn.Linear Sequential ("eager"), a FusedMLP with a copy of its weights
-    ("fused") and, if asked, torch.compile of a third copy of the Sequential."""
+def make_sequential(shape, dtype, activation, device) -> nn.Sequential:
     _, d, h, q = shape
     seq = nn.Sequential(nn.Linear(d, h), ACTIVATION_MODULES[activation](), nn.Linear(h, q))
-    seq = seq.to(device=device, dtype=dtype)
+    return seq.to(device=device, dtype=dtype)
+
+
+def make_sides(seq: nn.Sequential, weight_decay: float, compile_eager: bool = False) -> List[Side]:
+    """The nn.Linear Sequential seq ("eager"), a FusedMLP with a copy of its
+    weights ("fused") and, if asked, torch.compile of another copy of seq."""
 
     def linear_side(name, module, layers):
         w1, w2 = layers[0].weight, layers[2].weight
@@ -138,22 +141,28 @@ class VerificationError(AssertionError):
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-10, torch.float32: 2e-4}.get(dtype, 2e-2)
+    """Norm-wise relative tolerance of the check in each dtype.
+
+    Loose in float32: a few z land within rounding of ReLU's kink, where the
+    two sides take different branches of phi'(z), and each such element moves
+    a whole row of dW1 (at 4096x1024x1024 ~1e-3 of dW1's norm). The math
+    itself is checked in float64 (see run_case), where that cannot happen."""
+    return {torch.float64: 1e-9, torch.float32: 1e-2}.get(dtype, 5e-2)
 
 
 def check_close(what: str, actual: Tensor, expected: Tensor, tol: float) -> None:
-    """|actual - expected| <= tol * (|expected| + max|expected|), NaN where NaN."""
+    """||actual - expected|| <= tol * ||expected|| (Frobenius), NaN where NaN."""
     if actual.shape != expected.shape:
         raise VerificationError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     a, e = actual.detach().double(), expected.detach().double()
-    scale = e.abs().max().item() if e.numel() else 0.0
-    bad = (a - e).abs() > tol * (e.abs() + scale)
-    bad |= a.isnan() != e.isnan()
-    if bad.any():
-        worst = (a - e).abs().nan_to_num(float("inf")).max().item()
+    if not torch.equal(a.isnan(), e.isnan()):
+        raise VerificationError(f"{what}: NaN in different places")
+    a, e = a.nan_to_num(0.0), e.nan_to_num(0.0)
+    error, scale = (a - e).norm().item(), e.norm().item()
+    if not error <= tol * scale:  # also catches inf - inf
         raise VerificationError(
-            f"{what}: {int(bad.sum())} of {a.numel()} elements differ (max |difference| {worst:.3g}, "
-            f"tolerance {tol:g} relative, scale {scale:.3g})")
+            f"{what}: differs by {error:.3g} in norm, more than {tol:g} x {scale:.3g} "
+            f"(largest element difference {(a - e).abs().max().item():.3g})")
 
 
 def verify(sides: Sequence[Side], x: Tensor, y: Tensor) -> None:
@@ -316,9 +325,13 @@ def flops(shape, mode) -> int:
 def run_case(shape, dtype_name, activation, args, clock, generator, progress) -> List[dict]:
     device, dtype = torch.device(args.device), DTYPES[dtype_name]
     torch.manual_seed(args.seed)
-    sides = make_sides(shape, dtype, activation, device, args.weight_decay, args.compile)
+    seq = make_sequential(shape, dtype, activation, device)
     x, y = make_batch(shape, dtype, device, generator)
-    verify(sides, x, y)  # raises before anything is timed
+    # Before anything is timed: the math, on float64 copies of the same weights
+    # and batch (tight), then the sides that are timed, in their dtype.
+    verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y)
+    sides = make_sides(seq, args.weight_decay, args.compile)
+    verify(sides, x, y)
 
     results = []
     for mode in MODES:
