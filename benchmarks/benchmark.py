@@ -9,8 +9,9 @@ and gradients, and only then times, in one process:
 * training step: forward, cross-entropy loss plus the L2 term
   s = weight_decay/2 (||W1||^2 + ||W2||^2) (the fused side gets s from the same
   fused call, the nn.Linear side computes it from the weights), backward;
-* the GEMM floor: the bare matrix products of that step, each one timed on
-  every CPU GEMM path torch offers (torch.mm, oneDNN), the fastest counted;
+* the GEMM floor: the bare matrix products of that step (no dX: the batch
+  needs no gradient), each timed with torch.mm and, for float32 on CPU, with
+  oneDNN (torch's mkldnn inner product), the faster of the two counted;
 * optionally (--compile) torch.compile of the nn.Linear Sequential.
 
 Times are medians over interleaved rounds taken after warm-up: every round
@@ -589,6 +590,9 @@ def main(argv=None) -> dict:
                                         else f" ({meta['cpu']})")
                 + f", torch {meta['torch']}, {meta['threads']} threads, {meta['date']}; "
                 f"medians of {args.rounds} interleaved rounds; weight decay {args.weight_decay:g}")
+    if "load_average_at_start" in meta:
+        settings += ("; load average {:.2f} at start, {:.2f} at end".format(
+            meta["load_average_at_start"][0], meta["load_average_at_end"][0]))
     print(f"{settings}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = device.type
