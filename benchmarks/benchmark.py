@@ -9,8 +9,9 @@ and gradients, and only then times, in one process:
 * training step: forward, cross-entropy loss plus the L2 term
   s = weight_decay/2 (||W1||^2 + ||W2||^2) (the fused side gets s from the same
   fused call, the nn.Linear side computes it from the weights), backward;
-* the GEMM floor: the bare matrix products of that step, each one timed on
-  every CPU GEMM path torch offers (torch.mm, oneDNN), the fastest counted;
+* the GEMM floor: the bare matrix products of that step (no dX: the batch
+  needs no gradient), each timed with torch.mm and, for float32 on CPU, with
+  oneDNN (torch's mkldnn inner product), the faster of the two counted;
 * optionally (--compile) torch.compile of the nn.Linear Sequential.
 
 Times are medians over interleaved rounds taken after warm-up: every round
@@ -75,12 +76,15 @@ class Side:
     params: List[Tensor]  # w1, b1, w2, b2
 
 
-def make_sides(shape, dtype, activation, device, weight_decay, compile_eager) -> List[Side]:
-    """The nn.Linear Sequential ("eager"), a FusedMLP with a copy of its weights
-    ("fused") and, if asked, torch.compile of a third copy of the Sequential."""
+def make_sequential(shape, dtype, activation, device) -> nn.Sequential:
     _, d, h, q = shape
     seq = nn.Sequential(nn.Linear(d, h), ACTIVATION_MODULES[activation](), nn.Linear(h, q))
-    seq = seq.to(device=device, dtype=dtype)
+    return seq.to(device=device, dtype=dtype)
+
+
+def make_sides(seq: nn.Sequential, weight_decay: float, compile_eager: bool = False) -> List[Side]:
+    """The nn.Linear Sequential seq ("eager"), a FusedMLP with a copy of its
+    weights ("fused") and, if asked, torch.compile of another copy of seq."""
 
     def linear_side(name, module, layers):
         w1, w2 = layers[0].weight, layers[2].weight
@@ -138,22 +142,28 @@ class VerificationError(AssertionError):
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-10, torch.float32: 2e-4}.get(dtype, 2e-2)
+    """Norm-wise relative tolerance of the check in each dtype.
+
+    Loose in float32: a few z land within rounding of ReLU's kink, where the
+    two sides take different branches of phi'(z), and each such element moves
+    a whole row of dW1 (at 4096x1024x1024 ~1e-3 of dW1's norm). The math
+    itself is checked in float64 (see run_case), where that cannot happen."""
+    return {torch.float64: 1e-9, torch.float32: 1e-2}.get(dtype, 5e-2)
 
 
 def check_close(what: str, actual: Tensor, expected: Tensor, tol: float) -> None:
-    """|actual - expected| <= tol * (|expected| + max|expected|), NaN where NaN."""
+    """||actual - expected|| <= tol * ||expected|| (Frobenius), NaN where NaN."""
     if actual.shape != expected.shape:
         raise VerificationError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     a, e = actual.detach().double(), expected.detach().double()
-    scale = e.abs().max().item() if e.numel() else 0.0
-    bad = (a - e).abs() > tol * (e.abs() + scale)
-    bad |= a.isnan() != e.isnan()
-    if bad.any():
-        worst = (a - e).abs().nan_to_num(float("inf")).max().item()
+    if not torch.equal(a.isnan(), e.isnan()):
+        raise VerificationError(f"{what}: NaN in different places")
+    a, e = a.nan_to_num(0.0), e.nan_to_num(0.0)
+    error, scale = (a - e).norm().item(), e.norm().item()
+    if not error <= tol * scale:  # also catches inf - inf
         raise VerificationError(
-            f"{what}: {int(bad.sum())} of {a.numel()} elements differ (max |difference| {worst:.3g}, "
-            f"tolerance {tol:g} relative, scale {scale:.3g})")
+            f"{what}: differs by {error:.3g} in norm, more than {tol:g} x {scale:.3g} "
+            f"(largest element difference {(a - e).abs().max().item():.3g})")
 
 
 def verify(sides: Sequence[Side], x: Tensor, y: Tensor) -> None:
@@ -316,9 +326,13 @@ def flops(shape, mode) -> int:
 def run_case(shape, dtype_name, activation, args, clock, generator, progress) -> List[dict]:
     device, dtype = torch.device(args.device), DTYPES[dtype_name]
     torch.manual_seed(args.seed)
-    sides = make_sides(shape, dtype, activation, device, args.weight_decay, args.compile)
+    seq = make_sequential(shape, dtype, activation, device)
     x, y = make_batch(shape, dtype, device, generator)
-    verify(sides, x, y)  # raises before anything is timed
+    # Before anything is timed: the math, on float64 copies of the same weights
+    # and batch (tight), then the sides that are timed, in their dtype.
+    verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y)
+    sides = make_sides(seq, args.weight_decay, args.compile)
+    verify(sides, x, y)
 
     results = []
     for mode in MODES:
@@ -576,6 +590,9 @@ def main(argv=None) -> dict:
                                         else f" ({meta['cpu']})")
                 + f", torch {meta['torch']}, {meta['threads']} threads, {meta['date']}; "
                 f"medians of {args.rounds} interleaved rounds; weight decay {args.weight_decay:g}")
+    if "load_average_at_start" in meta:
+        settings += ("; load average {:.2f} at start, {:.2f} at end".format(
+            meta["load_average_at_start"][0], meta["load_average_at_end"][0]))
     print(f"{settings}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = device.type

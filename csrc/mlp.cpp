@@ -181,7 +181,7 @@ ForwardResult fused_mlp_forward(
   Tensor o = empty({n, out_features}, options);
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
-  Tensor s = weight_decay == 0 ? at::zeros({}, options) : kernels.penalty(w1, w2, weight_decay);
+  Tensor s = weight_decay == 0 ? empty({}, options).zero_() : kernels.penalty(w1, w2, weight_decay);
   if (x.dim() != 2) {
     auto o_shape = x.sizes().vec();
     o_shape.back() = out_features;

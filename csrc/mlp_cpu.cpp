@@ -5,8 +5,8 @@
 // oneDNN (inside torch) for float32 products that are large enough to win by
 // it, and the BLAS that torch links (MKL) otherwise. At small sizes the
 // operator's time is per-call overhead, so every ATen call saved counts; at
-// large sizes oneDNN's float32 GEMM is up to ~2x faster than MKL's sgemm on
-// CPUs MKL does not tune for (AMD), which is what nn.Linear uses.
+// large sizes oneDNN's float32 GEMM is faster than MKL's sgemm (what
+// nn.Linear uses) on CPUs MKL does not tune for, such as AMD's.
 #include <ATen/Context.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -164,10 +164,12 @@ bool blas_gemm(
 #endif
 }
 
-// Where oneDNN's float32 matmul beats the BLAS sgemm, measured on the
-// benchmark's shapes (benchmarks/benchmark.py reports both per product): it
-// costs some tens of microseconds more per call, and wins by up to ~2x once a
-// product has enough work.
+// Where oneDNN's float32 matmul beats the BLAS sgemm. Measured on a 2-core
+// AMD EPYC (Zen 4; benchmarks/benchmark.py reports both libraries for every
+// product of its sweep): oneDNN costs ~15 us more per call, so MKL wins below
+// ~1M multiply-adds (64^3: 6 us vs 20 us); from ~4M on oneDNN wins or ties,
+// by 1.1-1.4x on large products (~200 vs ~150 GFLOP/s) and by up to 2.5x where
+// MKL handles a layout poorly (G^T X with a short inner dimension).
 bool use_onednn(int64_t m, int64_t n, int64_t k) {
   static const int mode = [] {
     // MLP_EXT_CPU_GEMM=blas|onednn forces one library (for measurements).
@@ -178,8 +180,8 @@ bool use_onednn(int64_t m, int64_t n, int64_t k) {
   if (mode != 2) {
     return mode == 1;
   }
-  constexpr int64_t kMinWork = int64_t(1) << 24;  // multiply-adds
-  return m * n * k >= kMinWork && std::min({m, n, k}) >= 64;
+  constexpr int64_t kMinWork = int64_t(1) << 22;  // multiply-adds
+  return m * n * k >= kMinWork;
 }
 
 bool onednn_gemm(

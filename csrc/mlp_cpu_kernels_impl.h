@@ -136,23 +136,33 @@ void column_sums_rows(const T* g, T* out, int64_t rows, int64_t width) {
 }
 
 // Sum of squares in vector lanes of T, folded into double every chunk so that
-// float32 weights of any size keep float32 accuracy.
+// float32 weights of any size keep float32 accuracy. The chunks' sums are
+// added in order, whatever thread computed them: deterministic.
 template <typename T>
 double sum_of_squares_impl(const T* data, int64_t size) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t kChunk = 4096;
-  double total = 0;
-  for (int64_t i = 0; i < size; i += kChunk) {
-    V acc(T(0));
-    for_each_vector<V>(i, std::min(size, i + kChunk), [&](int64_t j, int64_t count) {
-      const V v = V::loadu(data + j, count);
-      acc = at::vec::fmadd(v, v, acc);
-    });
-    T lanes[V::size()];
-    acc.store(lanes);
-    for (int64_t l = 0; l < V::size(); ++l) {
-      total += lanes[l];
+  const int64_t chunks = (size + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks);
+  at::parallel_for(0, chunks, kGrainElements / kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      V acc(T(0));
+      for_each_vector<V>(c * kChunk, std::min(size, (c + 1) * kChunk), [&](int64_t j, int64_t count) {
+        const V v = V::loadu(data + j, count);
+        acc = at::vec::fmadd(v, v, acc);
+      });
+      T lanes[V::size()];
+      acc.store(lanes);
+      double sum = 0;
+      for (int64_t l = 0; l < V::size(); ++l) {
+        sum += lanes[l];
+      }
+      partial[c] = sum;
     }
+  });
+  double total = 0;
+  for (const double sum : partial) {
+    total += sum;
   }
   return total;
 }

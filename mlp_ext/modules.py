@@ -99,9 +99,11 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: Tensor, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         fc1, fc2 = self._modules["fc1"], self._modules["fc2"]
+        # Without return_penalty s is dropped: let the op skip computing it.
         o, s = fused_mlp(x, _attribute(fc1, "weight"), _attribute(fc2, "weight"),
                          _attribute(fc1, "bias"), _attribute(fc2, "bias"),
-                         activation=self.activation, weight_decay=self.weight_decay,
+                         activation=self.activation,
+                         weight_decay=self.weight_decay if return_penalty else 0.0,
                          save_hidden=self.save_hidden)
         return (o, s) if return_penalty else o
 

@@ -68,7 +68,7 @@ def test_quick_run_writes_json_markdown_and_plot(quick_run):
 
 
 def test_verification_accepts_equal_sides():
-    sides = bench.make_sides((4, 6, 5, 3), torch.float32, "gelu", torch.device("cpu"), 1e-2, False)
+    sides = bench.make_sides(bench.make_sequential((4, 6, 5, 3), torch.float32, "gelu", "cpu"), 1e-2)
     x, y = bench.make_batch((4, 6, 5, 3), torch.float32, "cpu", torch.Generator().manual_seed(0))
     bench.verify(sides, x, y)
 
@@ -79,7 +79,7 @@ def test_verification_accepts_equal_sides():
 ])
 def test_verification_rejects_different_sides(what, change):
     shape = (8, 6, 5, 3)
-    sides = bench.make_sides(shape, torch.float64, "relu", torch.device("cpu"), 1e-2, False)
+    sides = bench.make_sides(bench.make_sequential(shape, torch.float64, "relu", "cpu"), 1e-2)
     x, y = bench.make_batch(shape, torch.float64, "cpu", torch.Generator().manual_seed(0))
     change(sides[1])
     with pytest.raises(bench.VerificationError, match="fused vs eager"):
@@ -88,7 +88,7 @@ def test_verification_rejects_different_sides(what, change):
 
 def test_verification_catches_a_wrong_penalty():
     shape = (8, 6, 5, 3)
-    sides = bench.make_sides(shape, torch.float64, "relu", torch.device("cpu"), 1e-2, False)
+    sides = bench.make_sides(bench.make_sequential(shape, torch.float64, "relu", "cpu"), 1e-2)
     x, y = bench.make_batch(shape, torch.float64, "cpu", torch.Generator().manual_seed(0))
     eager = sides[0]
     sides[0] = bench.Side("eager", eager.forward,
