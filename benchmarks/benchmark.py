@@ -47,7 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mlp_ext
+try:
+    import mlp_ext
+except ModuleNotFoundError:  # not installed: the checkout this script is in (an in-place build)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import mlp_ext
 from mlp_ext import FusedMLP
 
 DEFAULT_SHAPES = [(1, 16, 16, 16), (64, 64, 64, 64), (32, 784, 256, 10), (256, 784, 256, 10),
