@@ -16,7 +16,8 @@ and gradients, and only then times, in one process:
 
 Times are medians over interleaved rounds taken after warm-up: every round
 runs each side once (a block of calls long enough to time), in alternating
-order, so that a load change on a shared machine hits both sides alike.
+order, so that a load change on a shared machine hits both sides alike; the
+ratio eager/fused is the median of the per-round ratios.
 
 Output: a Markdown table on stdout, and <out>/<device>.json (every figure,
 with the machine, torch version, thread count and date), <out>/<device>.md
@@ -47,7 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mlp_ext
+try:
+    import mlp_ext
+except ModuleNotFoundError:  # not installed: the checkout this script is in (an in-place build)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import mlp_ext
 from mlp_ext import FusedMLP
 
 DEFAULT_SHAPES = [(1, 16, 16, 16), (64, 64, 64, 64), (32, 784, 256, 10), (256, 784, 256, 10),
@@ -217,9 +222,10 @@ def gemm_closure(backend, m, k, n, a_t, b_t, dtype, device, generator):
         return t.to(device=device, dtype=dtype)  # keeps the transposed layout
 
     a, b = operand(m, k, a_t), operand(k, n, b_t)
+    # Each product allocates its result, as nn.Linear and the fused op do (a
+    # large fresh CPU buffer costs page faults, part of any step's time).
     if backend == "torch.mm":
-        c = torch.empty(m, n, device=device, dtype=dtype)
-        return lambda: torch.mm(a, b, out=c)
+        return lambda: torch.mm(a, b)
     # oneDNN's inner product computes A W^T with W (n x k) row-major; laid out
     # so beforehand, outside the timing.
     a, w = a.contiguous(), b.t().contiguous()
@@ -363,14 +369,18 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             "mode": mode, "flops": fl,
             "seconds": {s.name: median[s.name] for s in sides},
             "rounds": {s.name: times[s.name] for s in sides},
-            "ratio": median["eager"] / median["fused"],
+            # Per round, eager and fused ran back to back: the median of the
+            # per-round ratios is robust to load that drifts between rounds.
+            "ratio": statistics.median(e / f for e, f in zip(times["eager"], times["fused"])),
+            "ratio_of_medians": median["eager"] / median["fused"],
             "gflops": {s.name: fl / median[s.name] / 1e9 for s in sides},
             "floor_seconds": floor,
             "floor_products": floor_products,
             "fused_over_floor": median["fused"] / floor,
         }
         if "compiled" in median:
-            result["ratio_compiled"] = median["compiled"] / median["fused"]
+            result["ratio_compiled"] = statistics.median(
+                c / f for c, f in zip(times["compiled"], times["fused"]))
         if mode == "train":
             result["saved_bytes"] = {s.name: saved_bytes(s, x, y) for s in sides}
         if device.type == "cuda":
