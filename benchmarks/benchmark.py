@@ -12,7 +12,15 @@ and gradients, and only then times, in one process:
 * the GEMM floor: the bare matrix products of that step (no dX: the batch
   needs no gradient), each timed with torch.mm and, for float32 on CPU, with
   oneDNN (torch's mkldnn inner product), the faster of the two counted;
+* the bare step (training only): the same loss, backward and gradient reset
+  with the MLP replaced by two leaf tensors standing for o and s, i.e. what
+  the step costs outside the MLP;
 * optionally (--compile) torch.compile of the nn.Linear Sequential.
+
+From these, the bound eager / (bare step + GEMM floor): the ratio that an
+operator costing nothing beyond its matrix products (run by the faster of
+torch's GEMM libraries) would reach. A target above the bound is out of reach
+of any operator built on those libraries, on that machine.
 
 Times are medians over interleaved rounds taken after warm-up: every round
 runs each side once (a block of calls long enough to time), in alternating
@@ -128,6 +136,22 @@ def train_step(side: Side, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         for p in params:
             p.grad = None
         o, s = side.with_penalty(x)
+        loss = F.cross_entropy(o, y) + s
+        loss.backward()
+        return loss
+
+    return step
+
+
+def bare_step(shape, dtype, device, y: Tensor) -> Callable[[], Tensor]:
+    """The training step without the MLP: o and s are leaves, so the step is the
+    loss, its backward and the gradient bookkeeping, nothing else."""
+    n, _, _, q = shape
+    o = torch.randn(n, q, dtype=dtype, device=device, requires_grad=True)
+    s = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+
+    def step():
+        o.grad = s.grad = None
         loss = F.cross_entropy(o, y) + s
         loss.backward()
         return loss
@@ -345,6 +369,8 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
         closures = {}
         for side in sides:
             closures[side.name] = inference(side, x) if mode == "inference" else train_step(side, x, y)
+        if mode == "train":
+            closures["bare step"] = bare_step(shape, dtype, device, y)
         products = []
         for name, m, k, n, a_t, b_t in gemm_products(shape, mode):
             for backend in gemm_backends(device, dtype):
@@ -363,6 +389,7 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             entry["best"] = min(entry["seconds"], key=entry["seconds"].get)
         floor = sum(e["seconds"][e["best"]] for e in floor_products.values())
 
+        bare = median.get("bare step", 0.0)
         fl = flops(shape, mode)
         result = {
             "shape": dict(zip("ndhq", shape)), "dtype": dtype_name, "activation": activation,
@@ -377,6 +404,8 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             "floor_seconds": floor,
             "floor_products": floor_products,
             "fused_over_floor": median["fused"] / floor,
+            "bare_step_seconds": bare,
+            "bound": median["eager"] / (bare + floor),
         }
         if "compiled" in median:
             result["ratio_compiled"] = statistics.median(
@@ -416,7 +445,7 @@ def markdown_table(results: List[dict]) -> str:
     head = ["n×d×h×q", "dtype", "act", "mode", "eager", "fused", "**eager/fused**"]
     if compiled:
         head += ["compiled", "compiled/fused"]
-    head += ["GEMM floor", "fused/floor", "GFLOP/s eager", "GFLOP/s fused", "saved eager",
+    head += ["GEMM floor", "fused/floor", "bound", "GFLOP/s eager", "GFLOP/s fused", "saved eager",
              "saved fused"]
     if cuda:
         head += ["peak eager", "peak fused"]
@@ -429,7 +458,7 @@ def markdown_table(results: List[dict]) -> str:
         if compiled:
             row += [fmt_time(r["seconds"]["compiled"]), f"{r['ratio_compiled']:.2f}×"]
         saved = r.get("saved_bytes", {})
-        row += [fmt_time(r["floor_seconds"]), f"{r['fused_over_floor']:.2f}",
+        row += [fmt_time(r["floor_seconds"]), f"{r['fused_over_floor']:.2f}", f"{r['bound']:.2f}×",
                 f"{r['gflops']['eager']:.3g}", f"{r['gflops']['fused']:.3g}",
                 fmt_bytes(saved.get("eager")), fmt_bytes(saved.get("fused"))]
         if cuda:
@@ -483,12 +512,14 @@ def plot(results: List[dict], meta: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, ratios = [], {mode: [] for mode in MODES}
+    labels, ratios, bounds = [], {mode: [] for mode in MODES}, []
     for r in results:
         if r["mode"] == MODES[0]:
             s = r["shape"]
             labels.append(f"{s['n']}×{s['d']}×{s['h']}×{s['q']}\n{r['dtype']} {r['activation']}")
         ratios[r["mode"]].append(r["ratio"])
+        if r["mode"] == "train":
+            bounds.append(r["bound"])
     width = 0.4
     fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(labels) + 2), 4.8))
     positions = range(len(labels))
@@ -496,6 +527,8 @@ def plot(results: List[dict], meta: dict, path: Path) -> None:
         bars = ax.bar([p + (i - 0.5) * width for p in positions], ratios[mode], width,
                       label="training step" if mode == "train" else "inference")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.scatter([p + 0.5 * width for p in positions], bounds, marker="_", s=200, color="black",
+               zorder=3, label="bound of the training step (no cost beyond the GEMMs)")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(positions))
     ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")

@@ -155,7 +155,9 @@ void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g) {
 
 }  // namespace
 
-ForwardResult fused_mlp_forward(
+namespace {
+
+ForwardResult forward(
     const DeviceKernels& kernels,
     const Tensor& x,
     const Tensor& w1,
@@ -163,7 +165,8 @@ ForwardResult fused_mlp_forward(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     std::string_view activation,
-    double weight_decay) {
+    double weight_decay,
+    bool keep_z) {
   const Activation act = parse_activation(activation);
   check_forward_inputs(x, w1, w2, b1, b2, weight_decay, kernels.reduced_precision);
 
@@ -176,7 +179,7 @@ ForwardResult fused_mlp_forward(
 
   Tensor z = empty({n, hidden}, options);
   matmul(kernels, z, nullptr, x2d, false, w1, /*trans_b=*/true);
-  Tensor h = empty({n, hidden}, options);
+  Tensor h = keep_z || !z.is_cpu() ? empty({n, hidden}, options) : z;
   kernels.bias_activation(z, h, b1, act);
   Tensor o = empty({n, out_features}, options);
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
@@ -188,6 +191,33 @@ ForwardResult fused_mlp_forward(
     o = o.view(o_shape);
   }
   return {o, s, z, h};
+}
+
+}  // namespace
+
+ForwardResult fused_mlp_forward(
+    const DeviceKernels& kernels,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    std::string_view activation,
+    double weight_decay) {
+  return forward(kernels, x, w1, w2, b1, b2, activation, weight_decay, /*keep_z=*/true);
+}
+
+InferenceResult fused_mlp_inference(
+    const DeviceKernels& kernels,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    std::string_view activation,
+    double weight_decay) {
+  auto [o, s, z, h] = forward(kernels, x, w1, w2, b1, b2, activation, weight_decay, /*keep_z=*/false);
+  return {o, s};
 }
 
 namespace {
@@ -462,9 +492,14 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
   const Tensor none;
   if (!needs_autograd({&x, &w1, &w2, b1 ? &*b1 : &none, b2 ? &*b2 : &none})) {
     // Inference: no autograd node to build, nothing to save.
+    static const auto inference_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("mlp_ext::fused_mlp_inference", "")
+            .typed<InferenceResult(
+                const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                const std::optional<Tensor>&, c10::string_view, double)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
-    return {o, s};
+    return inference_op.call(x, w1, w2, b1, b2, activation, weight_decay);
   }
   auto outputs =
       FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
@@ -481,6 +516,9 @@ TORCH_LIBRARY(mlp_ext, m) {
   m.def(
       "fused_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
       "str activation, float weight_decay) -> (Tensor o, Tensor s, Tensor z, Tensor h)");
+  m.def(
+      "fused_mlp_inference(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
+      "str activation, float weight_decay) -> (Tensor o, Tensor s)");
   m.def(
       "fused_mlp_backward(Tensor grad_o, Tensor? grad_s, Tensor x, Tensor w1, Tensor w2, "
       "Tensor z, Tensor? h, str activation, float weight_decay, bool[5] output_mask) -> "

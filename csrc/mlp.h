@@ -36,6 +36,7 @@ void check_forward_inputs(
 
 struct DeviceKernels {
   // z (n x h, contiguous) += b1 (if given); h = phi(z). Both written in one pass.
+  // On CPU h may be z itself (in place; the inference op uses that).
   void (*bias_activation)(Tensor& z, Tensor& h, const std::optional<Tensor>& b1, Activation act);
   // g (n x h, contiguous) holds G_H on entry and G_Z = G_H * phi'(z) on exit;
   // db1 (if defined, shape (h,)) receives the column sums of G_Z.
@@ -56,9 +57,23 @@ struct DeviceKernels {
 };
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h
+using InferenceResult = std::tuple<Tensor, Tensor>;  // o, s
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // dx, dw1, dw2, db1, db2
 
 ForwardResult fused_mlp_forward(
+    const DeviceKernels& kernels,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    std::string_view activation,
+    double weight_decay);
+
+// The forward without z and h to return: on CPU h = phi(z) overwrites z, so
+// the pass writes n x h elements fewer and one buffer of them is never
+// allocated (on CUDA, whose kernel does not alias them, it is the forward).
+InferenceResult fused_mlp_inference(
     const DeviceKernels& kernels,
     const Tensor& x,
     const Tensor& w1,

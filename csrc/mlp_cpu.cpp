@@ -264,6 +264,12 @@ TORCH_LIBRARY_IMPL(mlp_ext, CPU, m) {
         return fused_mlp_forward(kCpuKernels, x, w1, w2, b1, b2, activation, weight_decay);
       });
   m.impl(
+      "fused_mlp_inference",
+      [](const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
+         const std::optional<Tensor>& b2, c10::string_view activation, double weight_decay) {
+        return fused_mlp_inference(kCpuKernels, x, w1, w2, b1, b2, activation, weight_decay);
+      });
+  m.impl(
       "fused_mlp_backward",
       [](const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x,
          const Tensor& w1, const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,

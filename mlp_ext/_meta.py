@@ -20,6 +20,12 @@ def _fused_mlp_forward_fake(x, w1, w2, b1, b2, activation, weight_decay):
     return o, s, z, h
 
 
+@torch.library.register_fake("mlp_ext::fused_mlp_inference")
+def _fused_mlp_inference_fake(x, w1, w2, b1, b2, activation, weight_decay):
+    o, s, _, _ = _fused_mlp_forward_fake(x, w1, w2, b1, b2, activation, weight_decay)
+    return o, s
+
+
 @torch.library.register_fake("mlp_ext::fused_mlp_backward")
 def _fused_mlp_backward_fake(grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay, output_mask):
     need_dx, need_dw1, need_dw2, need_db1, need_db2 = output_mask

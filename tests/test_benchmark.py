@@ -46,6 +46,9 @@ def test_quick_run_reports_every_case(quick_run, capsys):
         assert set(r["floor_products"]) == {name for name, *_ in products}
         assert r["floor_seconds"] == pytest.approx(
             sum(p["seconds"][p["best"]] for p in r["floor_products"].values()))
+        bare = r["bare_step_seconds"]
+        assert (bare > 0) == (r["mode"] == "train")
+        assert r["bound"] == pytest.approx(r["seconds"]["eager"] / (bare + r["floor_seconds"]))
         if r["mode"] == "train":
             # Both sides keep the hidden activations; the fused op keeps z and h.
             n, h = r["shape"]["n"], r["shape"]["h"]

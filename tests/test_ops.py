@@ -32,6 +32,35 @@ def test_opcheck_forward_and_backward_ops(device, bias):
                     (grad_o, g_s, x, w1, w2, z, h, "silu", 0.1, mask))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activation", mlp_ext.ACTIVATIONS)
+def test_inference_op_is_the_forward_without_z_and_h(device, bias, activation):
+    """fused_mlp_inference (h written over z on CPU) gives the forward op's o and
+    s bit for bit, and fused_mlp without autograd runs it."""
+    x, w1, w2, b1, b2 = make_inputs(batch_shape=(3, 4), d=9, h=33, q=5, bias=bias,
+                                    dtype=torch.float64, device=device, requires_grad=False)
+    opcheck(OPS.fused_mlp_inference.default, (x, w1, w2, b1, b2, activation, 0.1))
+    o, s, _, _ = OPS.fused_mlp_forward(x, w1, w2, b1, b2, activation, 0.1)
+    o_inf, s_inf = OPS.fused_mlp_inference(x, w1, w2, b1, b2, activation, 0.1)
+    assert o_inf.shape == (3, 4, 5) and o_inf.is_contiguous()
+    assert torch.equal(o_inf, o) and torch.equal(s_inf, s)
+    with torch.profiler.profile() as prof:
+        with torch.no_grad():
+            o_api, s_api = mlp_ext.fused_mlp(x, w1.requires_grad_(), w2, b1, b2,
+                                             activation=activation, weight_decay=0.1)
+    names = {e.name for e in prof.events()}
+    assert "mlp_ext::fused_mlp_inference" in names and "mlp_ext::fused_mlp_forward" not in names
+    assert torch.equal(o_api, o) and torch.equal(s_api, s)
+
+
+def test_inference_op_checks_its_arguments(device):
+    x, w1, w2, b1, b2 = make_inputs(dtype=torch.float32, device=device, requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"x.shape\[-1\] = 3 does not match in_features"):
+        OPS.fused_mlp_inference(x[:, :3], w1, w2, b1, b2, "relu", 0.0)
+    with pytest.raises(ValueError, match="unknown activation"):
+        OPS.fused_mlp_inference(x, w1, w2, b1, b2, "swish", 0.0)
+
+
 def test_backward_op_returns_only_the_masked_gradients(device):
     x, w1, w2, b1, b2 = make_inputs(dtype=torch.float32, device=device, requires_grad=False)
     _, _, z, h = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "tanh", 0.0)
