@@ -1,6 +1,18 @@
 """Shared fixtures: the devices this run has, and random MLP inputs."""
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# torch.compile's on-disk caches are keyed without our op schemas: a cache
+# left by an earlier build could replay a graph calling an older schema. Each
+# run compiles into a fresh directory (unless the caller chose one).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlp_ext_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import mlp_ext
 
