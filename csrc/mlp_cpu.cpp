@@ -153,12 +153,12 @@ bool blas_gemm(
   const T alpha = 1, beta_t = static_cast<T>(beta);
   const T* lhs_data = static_cast<const T*>(lhs.data);
   const T* rhs_data = static_cast<const T*>(rhs.data);
-  // Small products run on the calling thread: MKL's threaded GEMM loses more
-  // to waking and joining its threads than it gains below ~1M multiply-adds
-  // (measured in a training step on a 2-core VM: 64^4 step 1.3x faster, 96^4
-  // 1.3x, 128^4 (2M per product) 1.08x slower). The setting is thread-local
-  // and restored (0: MKL's global thread count again).
-  constexpr int64_t kSerialBelow = int64_t(1) << 20;  // multiply-adds
+  // Small products run on the calling thread: there MKL's threaded GEMM loses
+  // more to waking and joining its threads than it gains. Measured on a 2-core
+  // VM: the 64^4 training step (262K multiply-adds a product) 1.3x faster;
+  // 256x256x10 products (655K) 20-30 us slower, 128^3 (2M) 1.08x slower. The
+  // setting is thread-local and restored (0: MKL's global count again).
+  constexpr int64_t kSerialBelow = int64_t(1) << 19;  // multiply-adds
   const bool serial = MKL_Set_Num_Threads_Local != nullptr && m * n * k < kSerialBelow;
   const int previous = serial ? MKL_Set_Num_Threads_Local(1) : 0;
   if constexpr (is_double) {
