@@ -16,6 +16,8 @@ import torch
 import mlp_ext
 from mlp_ext import reference
 
+from conftest import make_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Widths that are not multiples of any vector length exercise the partial
@@ -111,3 +113,36 @@ def test_large_float32_step_matches_float64():
         return [o] + [p.grad for p in ps]
     for got, want in zip(grads(mlp_ext.fused_mlp, torch.float32), grads(reference.fused_mlp, torch.float64)):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def _mkl():
+    """libtorch_cpu's MKL thread controls, or None where torch is not built with MKL."""
+    import ctypes
+    import os
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    try:
+        return lib.MKL_Get_Max_Threads, lib.MKL_Set_Num_Threads_Local
+    except AttributeError:
+        return None
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available() or _mkl() is None,
+                    reason="torch without MKL: the products do not touch MKL's thread count")
+@pytest.mark.parametrize("local", [0, 1])
+def test_small_products_restore_mkl_thread_count(local):
+    """Products below the serial threshold run MKL on one thread and restore the
+    caller's (thread-local) MKL setting afterwards, whatever it was."""
+    get_max_threads, set_local = _mkl()
+    set_local(local)
+    try:
+        expected = get_max_threads()
+        x, w1, w2, b1, b2 = make_inputs(n=16, d=32, h=24, q=8, dtype=torch.float32)
+        o, s = mlp_ext.fused_mlp(x, w1, w2, b1, b2, activation="gelu", weight_decay=0.1)
+        (o.square().sum() + s).backward()
+        assert get_max_threads() == expected
+        # A large product afterwards still uses the caller's setting, and is right.
+        a, b = torch.randn(256, 512), torch.randn(512, 256)
+        torch.testing.assert_close(torch.mm(a, b), (a.double() @ b.double()).float(), rtol=1e-4, atol=1e-3)
+        assert get_max_threads() == expected
+    finally:
+        set_local(0)
