@@ -155,9 +155,7 @@ void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g) {
 
 }  // namespace
 
-namespace {
-
-ForwardResult forward(
+ForwardResult fused_mlp_forward(
     const DeviceKernels& kernels,
     const Tensor& x,
     const Tensor& w1,
@@ -179,7 +177,7 @@ ForwardResult forward(
 
   Tensor z = empty({n, hidden}, options);
   matmul(kernels, z, nullptr, x2d, false, w1, /*trans_b=*/true);
-  Tensor h = keep_z || !z.is_cpu() ? empty({n, hidden}, options) : z;
+  Tensor h = keep_z || !kernels.activation_in_place ? empty({n, hidden}, options) : z;
   kernels.bias_activation(z, h, b1, act);
   Tensor o = empty({n, out_features}, options);
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
@@ -193,20 +191,6 @@ ForwardResult forward(
   return {o, s, z, h};
 }
 
-}  // namespace
-
-ForwardResult fused_mlp_forward(
-    const DeviceKernels& kernels,
-    const Tensor& x,
-    const Tensor& w1,
-    const Tensor& w2,
-    const std::optional<Tensor>& b1,
-    const std::optional<Tensor>& b2,
-    std::string_view activation,
-    double weight_decay) {
-  return forward(kernels, x, w1, w2, b1, b2, activation, weight_decay, /*keep_z=*/true);
-}
-
 InferenceResult fused_mlp_inference(
     const DeviceKernels& kernels,
     const Tensor& x,
@@ -216,7 +200,8 @@ InferenceResult fused_mlp_inference(
     const std::optional<Tensor>& b2,
     std::string_view activation,
     double weight_decay) {
-  auto [o, s, z, h] = forward(kernels, x, w1, w2, b1, b2, activation, weight_decay, /*keep_z=*/false);
+  auto [o, s, z, h] =
+      fused_mlp_forward(kernels, x, w1, w2, b1, b2, activation, weight_decay, /*keep_z=*/false);
   return {o, s};
 }
 
@@ -329,20 +314,6 @@ Tensor activation_op(const Tensor& z, Activation act) {
   TORCH_INTERNAL_ASSERT(false, "unreachable");
 }
 
-// The dispatcher's typed handle of fused_mlp_forward (looked up once).
-const c10::TypedOperatorHandle<ForwardResult(
-    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::string_view, double)>&
-forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
-                             .typed<ForwardResult(
-                                 const Tensor&, const Tensor&, const Tensor&,
-                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                 c10::string_view, double)>();
-  return op;
-}
-
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -394,17 +365,10 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       std::tie(dx, dw1, dw2, db1, db2) =
           differentiable_backward(x, w1, w2, b1, grad_o, mask, act);
     } else if (grad_o.defined()) {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mlp_ext::fused_mlp_backward", "")
-                           .typed<BackwardResult(
-                               const Tensor&, const std::optional<Tensor>&, const Tensor&,
-                               const Tensor&, const Tensor&, const Tensor&,
-                               const std::optional<Tensor>&, c10::string_view, double,
-                               std::array<bool, 5>)>();
       // fused_mlp_backward has no autograd kernel of its own: go straight to
       // the device kernel instead of through the (boxed) autograd fallback.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(dx, dw1, dw2, db1, db2) = op.call(
+      std::tie(dx, dw1, dw2, db1, db2) = backward_op().call(
           grad_o, grad_s.defined() ? std::optional<Tensor>(grad_s) : std::nullopt, x, w1, w2,
           z, h.defined() ? std::optional<Tensor>(h) : std::nullopt,
           kActivationNames[static_cast<size_t>(act)], weight_decay, mask);
@@ -492,14 +456,8 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
   const Tensor none;
   if (!needs_autograd({&x, &w1, &w2, b1 ? &*b1 : &none, b2 ? &*b2 : &none})) {
     // Inference: no autograd node to build, nothing to save.
-    static const auto inference_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("mlp_ext::fused_mlp_inference", "")
-            .typed<InferenceResult(
-                const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                const std::optional<Tensor>&, c10::string_view, double)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return inference_op.call(x, w1, w2, b1, b2, activation, weight_decay);
+    return inference_op().call(x, w1, w2, b1, b2, activation, weight_decay);
   }
   auto outputs =
       FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
@@ -507,6 +465,27 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
 }
 
 }  // namespace
+
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
+                             .typed<ForwardSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<InferenceSignature>& inference_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlp_ext::fused_mlp_inference", "")
+                             .typed<InferenceSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlp_ext::fused_mlp_backward", "")
+                             .typed<BackwardSignature>();
+  return op;
+}
 
 TORCH_LIBRARY(mlp_ext, m) {
   m.def(

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
 #include <optional>
@@ -36,7 +37,7 @@ void check_forward_inputs(
 
 struct DeviceKernels {
   // z (n x h, contiguous) += b1 (if given); h = phi(z). Both written in one pass.
-  // On CPU h may be z itself (in place; the inference op uses that).
+  // h may be z itself where activation_in_place is set.
   void (*bias_activation)(Tensor& z, Tensor& h, const std::optional<Tensor>& b1, Activation act);
   // g (n x h, contiguous) holds G_H on entry and G_Z = G_H * phi'(z) on exit;
   // db1 (if defined, shape (h,)) receives the column sums of G_Z.
@@ -54,12 +55,17 @@ struct DeviceKernels {
       bool trans_b, double beta) = nullptr;
   // Optional (null: ATen's sum). out (width) = column sums of g (rows x width).
   void (*column_sums)(Tensor& out, const Tensor& g) = nullptr;
+  // Whether bias_activation accepts h == z (the inference op then allocates
+  // one n x h buffer instead of two).
+  bool activation_in_place = false;
 };
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h
 using InferenceResult = std::tuple<Tensor, Tensor>;  // o, s
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // dx, dw1, dw2, db1, db2
 
+// keep_z = false (the inference op): z need not survive, so on a device whose
+// bias_activation works in place h is written over z and returned as z too.
 ForwardResult fused_mlp_forward(
     const DeviceKernels& kernels,
     const Tensor& x,
@@ -68,11 +74,10 @@ ForwardResult fused_mlp_forward(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     std::string_view activation,
-    double weight_decay);
+    double weight_decay,
+    bool keep_z = true);
 
-// The forward without z and h to return: on CPU h = phi(z) overwrites z, so
-// the pass writes n x h elements fewer and one buffer of them is never
-// allocated (on CUDA, whose kernel does not alias them, it is the forward).
+// The forward without z and h to return (fused_mlp without autograd).
 InferenceResult fused_mlp_inference(
     const DeviceKernels& kernels,
     const Tensor& x,
@@ -95,5 +100,20 @@ BackwardResult fused_mlp_backward(
     std::string_view activation,
     double weight_decay,
     std::array<bool, 5> output_mask);
+
+// The dispatcher's typed handles of the ops above, looked up once; the
+// composite ops (fused_mlp, fused_mlp_loss) call the device kernels through them.
+using ForwardSignature = ForwardResult(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double);
+using InferenceSignature = InferenceResult(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double);
+using BackwardSignature = BackwardResult(
+    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const std::optional<Tensor>&, c10::string_view, double, std::array<bool, 5>);
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op();
+const c10::TypedOperatorHandle<InferenceSignature>& inference_op();
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op();
 
 }  // namespace mlp_ext

@@ -262,6 +262,7 @@ DeviceKernels make_cpu_kernels() {
                   /*reduced_precision=*/false};
   k.matmul = matmul_cpu;
   k.column_sums = column_sums_cpu;
+  k.activation_in_place = true;  // each vector is read before it is written
   return k;
 }
 

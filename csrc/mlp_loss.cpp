@@ -110,13 +110,7 @@ LossForwardResult fused_mlp_loss_forward(
     bool keep_gradient) {
   const Loss loss = parse_loss(loss_name);
   const Reduction reduction = parse_reduction(reduction_name);
-  static auto forward = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("mlp_ext::fused_mlp_forward", "")
-                            .typed<ForwardResult(
-                                const Tensor&, const Tensor&, const Tensor&,
-                                const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                c10::string_view, double)>();
-  auto [o, s, z, h] = forward.call(x, w1, w2, b1, b2, activation, weight_decay);
+  auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
   check_target(target, x, o.sizes(), loss);
 
   const int64_t n = z.size(0), classes = w2.size(0);
@@ -166,10 +160,6 @@ LossForwardResult fused_mlp_loss_forward(
   return {objective, o, dloss_do, z, h};
 }
 
-using LossBackwardSignature = BackwardResult(
-    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const std::optional<Tensor>&, c10::string_view, double, std::array<bool, 5>);
-
 BackwardResult fused_mlp_loss_backward(
     const std::optional<Tensor>& grad_J,
     const std::optional<Tensor>& grad_o,
@@ -194,10 +184,7 @@ BackwardResult fused_mlp_loss_backward(
     g_o = g_o.defined() ? g_o + g : g;
   }
   TORCH_CHECK(g_o.defined(), "fused_mlp_loss_backward: expected grad_J or grad_o, got neither");
-  static auto backward = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mlp_ext::fused_mlp_backward", "")
-                             .typed<LossBackwardSignature>();
-  return backward.call(
+  return backward_op().call(
       g_o, grad_J, x, w1, w2, z, h, activation, weight_decay, output_mask);
 }
 
