@@ -157,9 +157,11 @@ bool blas_gemm(
   // more to waking and joining its threads than it gains. Measured on a 2-core
   // VM: the 64^4 training step (262K multiply-adds a product) 1.3x faster;
   // 256x256x10 products (655K) 20-30 us slower, 128^3 (2M) 1.08x slower. The
-  // setting is thread-local and restored (0: MKL's global count again).
+  // setting is thread-local and restored (0: MKL's global count again). Inside
+  // a parallel region (split_gemm) every call is serial.
   constexpr int64_t kSerialBelow = int64_t(1) << 19;  // multiply-adds
-  const bool serial = MKL_Set_Num_Threads_Local != nullptr && m * n * k < kSerialBelow;
+  const bool serial = MKL_Set_Num_Threads_Local != nullptr &&
+      (m * n * k < kSerialBelow || at::in_parallel_region());
   const int previous = serial ? MKL_Set_Num_Threads_Local(1) : 0;
   if constexpr (is_double) {
     dgemm_(&tl, &tr, &M, &N, &K, &alpha, lhs_data, &lhs.ld, rhs_data, &rhs.ld, &beta_t,
@@ -177,44 +179,117 @@ bool blas_gemm(
 #endif
 }
 
-// Where oneDNN's float32 matmul beats the BLAS sgemm. Measured on a 2-core
-// AMD EPYC (Zen 4; benchmarks/benchmark.py reports both libraries for every
-// product of its sweep): oneDNN costs ~15 us more per call, so MKL wins below
-// ~1M multiply-adds (64^3: 6 us vs 20 us); from ~4M on oneDNN wins or ties,
-// by 1.1-1.4x on large products (~200 vs ~150 GFLOP/s) and by up to 2.5x where
-// MKL handles a layout poorly (G^T X with a short inner dimension).
-bool use_onednn(int64_t m, int64_t n, int64_t k) {
-  static const int mode = [] {
-    // MLP_EXT_CPU_GEMM=blas|onednn forces one library (for measurements).
-    const char* env = std::getenv("MLP_EXT_CPU_GEMM");
-    const std::string v = env ? env : "";
-    return v == "blas" ? 0 : v == "onednn" ? 1 : 2;
-  }();
-  if (mode != 2) {
-    return mode == 1;
-  }
-  constexpr int64_t kMinWork = int64_t(1) << 22;  // multiply-adds
-  return m * n * k >= kMinWork;
-}
+// Which library computes a product.
+enum class CpuGemm {
+  Blas,    // the BLAS torch links (MKL): threaded from kSerialBelow on
+  OneDnn,  // ATen's oneDNN matmul (float32)
+  Split,   // one serial BLAS call per thread, each on a block of out
+};
 
-bool onednn_gemm(
-    Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta,
-    int64_t m, int64_t n, int64_t k) {
+bool onednn_usable(const Tensor& out) {
 #if MLP_EXT_HAVE_WEAK
   // ATen's float32 oneDNN matmul insists on AVX-512 (BW, VL, DQ) on x86; ATen's
   // AVX512 capability implies them.
   static const bool usable = at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
       at::get_cpu_capability() == "AVX512";
-  if (!usable || out.scalar_type() != at::kFloat || !at::globalContext().userEnabledMkldnn() ||
-      !use_onednn(m, n, k)) {
-    return false;
+  return usable && out.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
+bool split_usable(const Tensor& out, int64_t m, int64_t n, int64_t k) {
+#if MLP_EXT_HAVE_WEAK
+  // Each thread's call must run serially, which only MKL lets us ask for.
+  const bool blas = out.scalar_type() == at::kFloat ? sgemm_ != nullptr : dgemm_ != nullptr;
+  return blas && MKL_Set_Num_Threads_Local != nullptr && fits_int(m) && fits_int(n) &&
+      fits_int(k) && at::get_num_threads() > 1 && !at::in_parallel_region();
+#else
+  return false;
+#endif
+}
+
+// Measured on a 2-core AMD EPYC (Zen 4), one path against another for every
+// product of the benchmark's sweep:
+// - oneDNN costs ~15 us more per call than MKL, so MKL wins below ~1M
+//   multiply-adds (64^3: 6 us vs 20 us); from ~4M on oneDNN wins or ties, by
+//   1.1-1.4x on large products (~200 vs ~150 GFLOP/s).
+// - Where out has many rows and the inner dimension or the width is short,
+//   both libraries' threaded GEMMs lose to serial calls on halves of out's
+//   rows: dW1 = G_Z^T X at 32x784x256x10 (256 x 32 x 784) 77 us against 89
+//   (oneDNN) and 129 (MKL) in float32, 158 against 228 (MKL) in float64; the
+//   step's backward 1.18x (float32) and 1.41x (float64) faster in interleaved
+//   A/B rounds. Halves of 32 rows (Z = X W1^T there) gained nothing, square-ish
+//   products lose (256x784x256: 520 vs 487 us), and below 512K multiply-adds
+//   the parallel region costs more than it saves (64^4 forward: 20 -> 47 us).
+CpuGemm choose_gemm(const Tensor& out, int64_t m, int64_t n, int64_t k) {
+  static const int forced = [] {
+    // MLP_EXT_CPU_GEMM=blas|onednn|split forces one path where it is usable
+    // (for measurements and tests).
+    const char* env = std::getenv("MLP_EXT_CPU_GEMM");
+    const std::string v = env ? env : "";
+    return v == "blas" ? 0 : v == "onednn" ? 1 : v == "split" ? 2 : -1;
+  }();
+  if (forced == 1 && onednn_usable(out)) {
+    return CpuGemm::OneDnn;
   }
+  if (forced == 2 && split_usable(out, m, n, k)) {
+    return CpuGemm::Split;
+  }
+  if (forced != -1) {
+    return CpuGemm::Blas;
+  }
+  const int64_t work = m * n * k;  // multiply-adds
+  constexpr int64_t kSplitMinWork = int64_t(1) << 19, kSplitMinRows = 64, kSplitMaxSide = 64;
+  if (work >= kSplitMinWork && m >= kSplitMinRows && std::min(n, k) <= kSplitMaxSide &&
+      split_usable(out, m, n, k)) {
+    return CpuGemm::Split;
+  }
+  constexpr int64_t kOneDnnMinWork = int64_t(1) << 22;
+  return work >= kOneDnnMinWork && onednn_usable(out) ? CpuGemm::OneDnn : CpuGemm::Blas;
+}
+
+// out[r0:r1] = addend[r0:r1] (addend of out's shape, or a row broadcast over
+// the rows; contiguous).
+void copy_addend(Tensor& out, const Tensor& addend, int64_t r0, int64_t r1) {
+  const int64_t row_bytes = out.size(1) * out.element_size();
+  char* dst = static_cast<char*>(out.data_ptr()) + r0 * row_bytes;
+  const char* src = static_cast<const char*>(addend.const_data_ptr());
+  if (addend.dim() == 2) {
+    std::memcpy(dst, src + r0 * row_bytes, (r1 - r0) * row_bytes);
+    return;
+  }
+  for (int64_t i = r0; i < r1; ++i, dst += row_bytes) {
+    std::memcpy(dst, src, row_bytes);
+  }
+}
+
+// out = beta * addend + op(a) op(b) as blocks of out's rows, one per thread,
+// each a serial BLAS call that follows the copy of its rows of the addend
+// (still in cache for beta).
+template <typename T>
+void split_gemm(
+    Tensor& out, const Tensor& addend, const Tensor& a, bool trans_a, const Tensor& b,
+    bool trans_b, double beta, int64_t m, int64_t n, int64_t k) {
+  constexpr int64_t kRows = 16;  // block edges at multiples of 16 rows
+  at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
+    const int64_t lo = begin * kRows, hi = std::min(m, end * kRows);
+    if (addend.defined()) {
+      copy_addend(out, addend, lo, hi);
+    }
+    Tensor rows = out.narrow(0, lo, hi - lo);
+    const bool done = blas_gemm<T>(
+        rows, a.narrow(trans_a ? 1 : 0, lo, hi - lo), trans_a, b, trans_b, beta, hi - lo, n, k);
+    TORCH_INTERNAL_ASSERT(done, "split_gemm: the BLAS call was refused");
+  });
+}
+
+void onednn_gemm(
+    Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta) {
+#if MLP_EXT_HAVE_WEAK
   // oneDNN reads row-major and transposed operands in place (copies others).
   at::native::mkldnn_matmul(
       trans_a ? a.t() : a, trans_b ? b.t() : b, out, static_cast<float>(beta), 1.0f);
-  return true;
-#else
-  return false;
 #endif
 }
 
@@ -226,31 +301,31 @@ void matmul_cpu(
   if (m == 0 || n == 0) {
     return;
   }
-  // The addend goes into out first; the product adds to it with BLAS's beta.
-  if (addend != nullptr && beta != 0) {
-    const Tensor add = addend->contiguous();
-    const size_t row_bytes = n * out.element_size();
-    char* dst = static_cast<char*>(out.data_ptr());
-    if (add.dim() == 1) {
-      for (int64_t i = 0; i < m; ++i) {
-        std::memcpy(dst + i * row_bytes, add.const_data_ptr(), row_bytes);
-      }
-    } else {
-      std::memcpy(dst, add.const_data_ptr(), m * row_bytes);
-    }
-  } else {
+  // The addend goes into out first; the product adds to it with the GEMM's beta.
+  const Tensor add = addend != nullptr && beta != 0 ? addend->contiguous() : Tensor();
+  if (!add.defined()) {
     beta = 0;  // out's contents are ignored
+  }
+  const bool is_float = out.scalar_type() == at::kFloat;
+  const CpuGemm gemm = k == 0 ? CpuGemm::Blas : choose_gemm(out, m, n, k);
+  if (gemm == CpuGemm::Split) {
+    is_float ? split_gemm<float>(out, add, a, trans_a, b, trans_b, beta, m, n, k)
+             : split_gemm<double>(out, add, a, trans_a, b, trans_b, beta, m, n, k);
+    return;
+  }
+  if (add.defined()) {
+    copy_addend(out, add, 0, m);
   }
   if (k == 0) {
     beta == 0 ? out.zero_() : out.mul_(beta);
     return;
   }
-  if (out.scalar_type() == at::kFloat) {
-    if (onednn_gemm(out, a, trans_a, b, trans_b, beta, m, n, k) ||
-        blas_gemm<float>(out, a, trans_a, b, trans_b, beta, m, n, k)) {
-      return;
-    }
-  } else if (blas_gemm<double>(out, a, trans_a, b, trans_b, beta, m, n, k)) {
+  if (gemm == CpuGemm::OneDnn) {
+    onednn_gemm(out, a, trans_a, b, trans_b, beta);
+    return;
+  }
+  if (is_float ? blas_gemm<float>(out, a, trans_a, b, trans_b, beta, m, n, k)
+               : blas_gemm<double>(out, a, trans_a, b, trans_b, beta, m, n, k)) {
     return;
   }
   const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;

@@ -142,17 +142,29 @@ template <typename T>
 double sum_of_squares_impl(const T* data, int64_t size) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t kChunk = 4096;
+  constexpr int64_t kStep = 4 * V::size();
   const int64_t chunks = (size + kChunk - 1) / kChunk;
   std::vector<double> partial(chunks);
   at::parallel_for(0, chunks, kGrainElements / kChunk, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      V acc(T(0));
-      for_each_vector<V>(c * kChunk, std::min(size, (c + 1) * kChunk), [&](int64_t j, int64_t count) {
-        const V v = V::loadu(data + j, count);
-        acc = at::vec::fmadd(v, v, acc);
+      // Four independent accumulators: one would wait on each FMA's latency.
+      V acc0(T(0)), acc1(T(0)), acc2(T(0)), acc3(T(0));
+      const int64_t first = c * kChunk, last = std::min(size, first + kChunk);
+      int64_t j = first;
+      for (; j + kStep <= last; j += kStep) {
+        const V v0 = V::loadu(data + j), v1 = V::loadu(data + j + V::size());
+        const V v2 = V::loadu(data + j + 2 * V::size()), v3 = V::loadu(data + j + 3 * V::size());
+        acc0 = at::vec::fmadd(v0, v0, acc0);
+        acc1 = at::vec::fmadd(v1, v1, acc1);
+        acc2 = at::vec::fmadd(v2, v2, acc2);
+        acc3 = at::vec::fmadd(v3, v3, acc3);
+      }
+      for_each_vector<V>(j, last, [&](int64_t i, int64_t count) {
+        const V v = V::loadu(data + i, count);
+        acc0 = at::vec::fmadd(v, v, acc0);
       });
       T lanes[V::size()];
-      acc.store(lanes);
+      ((acc0 + acc1) + (acc2 + acc3)).store(lanes);
       double sum = 0;
       for (int64_t l = 0; l < V::size(); ++l) {
         sum += lanes[l];

@@ -1,7 +1,8 @@
 """The CPU operator's internal paths: every instruction-set variant of the
-elementwise kernels and both GEMM libraries, against the references.
+elementwise kernels and every GEMM path (MKL, oneDNN, MKL split over threads),
+against the references.
 
-The variant (ATEN_CPU_CAPABILITY) and the GEMM library (MLP_EXT_CPU_GEMM) are
+The variant (ATEN_CPU_CAPABILITY) and the GEMM path (MLP_EXT_CPU_GEMM) are
 chosen once per process, so each combination runs in a fresh interpreter.
 """
 import os
@@ -26,11 +27,13 @@ CHECK = textwrap.dedent("""
     import torch, mlp_ext
     from mlp_ext import reference
     torch.manual_seed(0)
+    torch.set_num_threads(max(2, torch.get_num_threads()))  # the split path needs two
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
         for n, d, h, q in ((1, 3, 5, 2), (7, 33, 17, 9), (300, 256, 300, 70)):
             for act in mlp_ext.ACTIVATIONS:
-                x = torch.randn(n, d, dtype=torch.float64)
-                w1 = torch.randn(h, d, dtype=torch.float64) / d ** 0.5
+                # Column-major x and w1 in some cases: the libraries read them in place.
+                x = torch.randn(d, n, dtype=torch.float64).t() if n == 300 else torch.randn(n, d, dtype=torch.float64)
+                w1 = (torch.randn(d, h, dtype=torch.float64).t() if n == 7 else torch.randn(h, d, dtype=torch.float64)) / d ** 0.5
                 w2 = torch.randn(q, h, dtype=torch.float64) / h ** 0.5
                 b1, b2 = torch.randn(h, dtype=torch.float64), torch.randn(q, dtype=torch.float64)
                 g = torch.randn(n, q, dtype=torch.float64)
@@ -48,6 +51,7 @@ CHECK = textwrap.dedent("""
 
 @pytest.mark.parametrize("capability, gemm", [
     ("default", "blas"), ("avx2", "blas"), ("avx512", "blas"), ("avx512", "onednn"),
+    ("avx512", "split"),
 ])
 def test_kernel_variants_and_gemm_libraries(capability, gemm):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MLP_EXT_CPU_GEMM=gemm,
