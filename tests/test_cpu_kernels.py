@@ -150,38 +150,3 @@ def test_small_products_restore_mkl_thread_count(local):
         assert get_max_threads() == expected
     finally:
         set_local(0)
-
-
-def _thp_mode():
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return None
-    return text[text.index("[") + 1:text.index("]")]
-
-
-def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages of the mapping of /proc/self/smaps that holds address."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(v, 16) for v in head.split("-"))
-            inside = start <= address < end
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-@pytest.mark.skipif(_thp_mode() in (None, "never"),
-                    reason="Linux transparent huge pages are off (or this is not Linux)")
-def test_large_buffers_are_asked_for_on_huge_pages():
-    """z, h and o of 32 MiB (a fresh mapping each) come on 2 MiB pages."""
-    n, d, h = 8192, 8, 1024
-    x, w1, w2 = torch.randn(n, d), torch.randn(h, d), torch.randn(h, h)
-    o, s, z, hidden = torch.ops.mlp_ext.fused_mlp_forward(x, w1, w2, None, None, "relu", 0.0)
-    huge = 2 << 20
-    for name, t in (("z", z), ("h", hidden), ("o", o)):
-        interior = (t.data_ptr() + huge - 1) // huge * huge  # where the advice starts
-        assert _anon_huge_kib(interior) >= 2048, f"{name} has no huge page"
-    torch.testing.assert_close(o, torch.relu(x @ w1.t()) @ w2.t(), rtol=1e-4, atol=1e-3)
