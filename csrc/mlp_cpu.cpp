@@ -249,24 +249,31 @@ CpuGemm choose_gemm(const Tensor& out, int64_t m, int64_t n, int64_t k) {
   return work >= kOneDnnMinWork && onednn_usable(out) ? CpuGemm::OneDnn : CpuGemm::Blas;
 }
 
-// out[r0:r1] = addend[r0:r1] (addend of out's shape, or a row broadcast over
-// the rows; contiguous).
-void copy_addend(Tensor& out, const Tensor& addend, int64_t r0, int64_t r1) {
-  const int64_t row_bytes = out.size(1) * out.element_size();
+// out[r0:r1] = beta * addend[r0:r1] (addend of out's shape, or a row
+// broadcast over the rows; contiguous). The product then adds to it with the
+// GEMM's beta = 1: given a beta other than 0 or 1, a BLAS scales C first, in a
+// pass over out of its own.
+void copy_addend(Tensor& out, const Tensor& addend, double beta, int64_t r0, int64_t r1) {
+  const int64_t width = out.size(1), row_bytes = width * out.element_size();
   char* dst = static_cast<char*>(out.data_ptr()) + r0 * row_bytes;
   const char* src = static_cast<const char*>(addend.const_data_ptr());
-  if (addend.dim() == 2) {
-    std::memcpy(dst, src + r0 * row_bytes, (r1 - r0) * row_bytes);
-    return;
+  const bool whole = addend.dim() == 2;
+  if (whole) {
+    src += r0 * row_bytes;
   }
-  for (int64_t i = r0; i < r1; ++i, dst += row_bytes) {
-    std::memcpy(dst, src, row_bytes);
+  const int64_t rows = whole ? 1 : r1 - r0, size = whole ? (r1 - r0) * width : width;
+  for (int64_t i = 0; i < rows; ++i, dst += row_bytes) {
+    if (beta == 1) {
+      std::memcpy(dst, src, size * out.element_size());
+    } else {
+      cpu_kernels().scaled_copy(out.scalar_type(), src, dst, beta, size);
+    }
   }
 }
 
 // out = beta * addend + op(a) op(b) as blocks of out's rows, one per thread,
 // each a serial BLAS call that follows the copy of its rows of the addend
-// (still in cache for beta).
+// (still in cache for the product).
 template <typename T>
 void split_gemm(
     Tensor& out, const Tensor& addend, const Tensor& a, bool trans_a, const Tensor& b,
@@ -275,11 +282,12 @@ void split_gemm(
   at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
     const int64_t lo = begin * kRows, hi = std::min(m, end * kRows);
     if (addend.defined()) {
-      copy_addend(out, addend, lo, hi);
+      copy_addend(out, addend, beta, lo, hi);
     }
     Tensor rows = out.narrow(0, lo, hi - lo);
     const bool done = blas_gemm<T>(
-        rows, a.narrow(trans_a ? 1 : 0, lo, hi - lo), trans_a, b, trans_b, beta, hi - lo, n, k);
+        rows, a.narrow(trans_a ? 1 : 0, lo, hi - lo), trans_a, b, trans_b,
+        addend.defined() ? 1.0 : 0.0, hi - lo, n, k);
     TORCH_INTERNAL_ASSERT(done, "split_gemm: the BLAS call was refused");
   });
 }
@@ -301,11 +309,9 @@ void matmul_cpu(
   if (m == 0 || n == 0) {
     return;
   }
-  // The addend goes into out first; the product adds to it with the GEMM's beta.
+  // beta * addend goes into out first; the product adds to it (the GEMM's beta
+  // is then 1, and 0 without an addend).
   const Tensor add = addend != nullptr && beta != 0 ? addend->contiguous() : Tensor();
-  if (!add.defined()) {
-    beta = 0;  // out's contents are ignored
-  }
   const bool is_float = out.scalar_type() == at::kFloat;
   const CpuGemm gemm = k == 0 ? CpuGemm::Blas : choose_gemm(out, m, n, k);
   if (gemm == CpuGemm::Split) {
@@ -314,10 +320,13 @@ void matmul_cpu(
     return;
   }
   if (add.defined()) {
-    copy_addend(out, add, 0, m);
+    copy_addend(out, add, beta, 0, m);
   }
+  beta = add.defined() ? 1.0 : 0.0;
   if (k == 0) {
-    beta == 0 ? out.zero_() : out.mul_(beta);
+    if (beta == 0) {
+      out.zero_();
+    }
     return;
   }
   if (gemm == CpuGemm::OneDnn) {
