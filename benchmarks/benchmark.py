@@ -15,6 +15,10 @@ and gradients, and only then times, in one process:
 * the bare step (training only): the same loss, backward and gradient reset
   with the MLP replaced by two leaf tensors standing for o and s, i.e. what
   the step costs outside the MLP;
+* the fused operator alone (training only): its forward and its backward from
+  fixed gradients of o and s, no loss, i.e. what the step costs inside the MLP;
+  op/floor (that time over the GEMM floor; in inference the fused call itself)
+  is how close the operator comes to its matrix products;
 * optionally (--compile) torch.compile of the nn.Linear Sequential.
 
 From these, the bound eager / (bare step + GEMM floor): the ratio that an
@@ -155,6 +159,22 @@ def bare_step(shape, dtype, device, y: Tensor) -> Callable[[], Tensor]:
         loss = F.cross_entropy(o, y) + s
         loss.backward()
         return loss
+
+    return step
+
+
+def operator_alone(side: Side, x: Tensor, generator) -> Callable[[], None]:
+    """The fused side's forward and backward without a loss: o and s get fixed
+    gradients (random, and 1 for s), the parameters get their gradients."""
+    params = side.params
+    o, s = side.with_penalty(x)
+    grads = (torch.randn(o.shape, generator=generator, dtype=torch.float64)
+             .to(device=o.device, dtype=o.dtype) / o.shape[0], torch.ones_like(s))
+
+    def step():
+        for p in params:
+            p.grad = None
+        torch.autograd.backward(side.with_penalty(x), grads)
 
     return step
 
@@ -371,6 +391,7 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             closures[side.name] = inference(side, x) if mode == "inference" else train_step(side, x, y)
         if mode == "train":
             closures["bare step"] = bare_step(shape, dtype, device, y)
+            closures["fused op"] = operator_alone(sides[1], x, generator)
         products = []
         for name, m, k, n, a_t, b_t in gemm_products(shape, mode):
             for backend in gemm_backends(device, dtype):
@@ -390,6 +411,7 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
         floor = sum(e["seconds"][e["best"]] for e in floor_products.values())
 
         bare = median.get("bare step", 0.0)
+        operator = median.get("fused op", median["fused"])
         fl = flops(shape, mode)
         result = {
             "shape": dict(zip("ndhq", shape)), "dtype": dtype_name, "activation": activation,
@@ -404,6 +426,8 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             "floor_seconds": floor,
             "floor_products": floor_products,
             "fused_over_floor": median["fused"] / floor,
+            "operator_seconds": operator,
+            "operator_over_floor": operator / floor,
             "bare_step_seconds": bare,
             "bound": median["eager"] / (bare + floor),
         }
@@ -445,7 +469,7 @@ def markdown_table(results: List[dict]) -> str:
     head = ["n×d×h×q", "dtype", "act", "mode", "eager", "fused", "**eager/fused**"]
     if compiled:
         head += ["compiled", "compiled/fused"]
-    head += ["GEMM floor", "fused/floor", "bound", "GFLOP/s eager", "GFLOP/s fused", "saved eager",
+    head += ["GEMM floor", "op/floor", "bound", "GFLOP/s eager", "GFLOP/s fused", "saved eager",
              "saved fused"]
     if cuda:
         head += ["peak eager", "peak fused"]
@@ -458,7 +482,7 @@ def markdown_table(results: List[dict]) -> str:
         if compiled:
             row += [fmt_time(r["seconds"]["compiled"]), f"{r['ratio_compiled']:.2f}×"]
         saved = r.get("saved_bytes", {})
-        row += [fmt_time(r["floor_seconds"]), f"{r['fused_over_floor']:.2f}", f"{r['bound']:.2f}×",
+        row += [fmt_time(r["floor_seconds"]), f"{r['operator_over_floor']:.2f}", f"{r['bound']:.2f}×",
                 f"{r['gflops']['eager']:.3g}", f"{r['gflops']['fused']:.3g}",
                 fmt_bytes(saved.get("eager")), fmt_bytes(saved.get("fused"))]
         if cuda:

@@ -46,6 +46,11 @@ def test_quick_run_reports_every_case(quick_run, capsys):
         assert set(r["floor_products"]) == {name for name, *_ in products}
         assert r["floor_seconds"] == pytest.approx(
             sum(p["seconds"][p["best"]] for p in r["floor_products"].values()))
+        if r["mode"] == "train":
+            assert 0 < r["operator_seconds"] != r["seconds"]["fused"]
+        else:
+            assert r["operator_seconds"] == r["seconds"]["fused"]
+        assert r["operator_over_floor"] == pytest.approx(r["operator_seconds"] / r["floor_seconds"])
         bare = r["bare_step_seconds"]
         assert (bare > 0) == (r["mode"] == "train")
         assert r["bound"] == pytest.approx(r["seconds"]["eager"] / (bare + r["floor_seconds"]))
@@ -118,3 +123,16 @@ def test_gemm_products_cover_the_step():
     assert bench.flops((n, d, h, q), "inference") == 2 * n * (d * h + h * q)
     assert bench.flops((n, d, h, q), "train") == 2 * n * (2 * d * h + 3 * h * q)
     assert [name for name, *_ in train][:2] == [name for name, *_ in bench.gemm_products((n, d, h, q), "inference")]
+
+
+def test_operator_alone_gives_the_gradients_of_its_output_gradients():
+    shape = (5, 6, 7, 3)
+    seq = bench.make_sequential(shape, torch.float64, "gelu", "cpu")
+    fused = bench.make_sides(seq, 1e-2)[1]
+    x, _ = bench.make_batch(shape, torch.float64, "cpu", torch.Generator().manual_seed(0))
+    bench.operator_alone(fused, x, torch.Generator().manual_seed(1))()
+    o, s = fused.with_penalty(x)
+    grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / 5
+    expected = torch.autograd.grad((o, s), fused.params, (grad_o, torch.ones_like(s)))
+    for p, e in zip(fused.params, expected):
+        torch.testing.assert_close(p.grad, e)
