@@ -255,20 +255,25 @@ CpuGemm choose_gemm(const Tensor& out, int64_t m, int64_t n, int64_t k) {
 // pass over out of its own.
 void copy_addend(Tensor& out, const Tensor& addend, double beta, int64_t r0, int64_t r1) {
   const int64_t width = out.size(1), row_bytes = width * out.element_size();
-  char* dst = static_cast<char*>(out.data_ptr()) + r0 * row_bytes;
-  const char* src = static_cast<const char*>(addend.const_data_ptr());
+  char* const dst = static_cast<char*>(out.data_ptr());
+  const char* const src = static_cast<const char*>(addend.const_data_ptr());
   const bool whole = addend.dim() == 2;
-  if (whole) {
-    src += r0 * row_bytes;
-  }
-  const int64_t rows = whole ? 1 : r1 - r0, size = whole ? (r1 - r0) * width : width;
-  for (int64_t i = 0; i < rows; ++i, dst += row_bytes) {
-    if (beta == 1) {
-      std::memcpy(dst, src, size * out.element_size());
-    } else {
-      cpu_kernels().scaled_copy(out.scalar_type(), src, dst, beta, size);
+  // Threaded like ATen's copy (inside split_gemm's region, on the calling
+  // thread): a fresh out is faulted in here, page by page.
+  constexpr int64_t kGrainBytes = int64_t(1) << 17;
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(r0, r1, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; i += whole ? hi - lo : 1) {
+      const int64_t rows = whole ? hi - lo : 1;
+      char* to = dst + i * row_bytes;
+      const char* from = whole ? src + i * row_bytes : src;
+      if (beta == 1) {
+        std::memcpy(to, from, rows * row_bytes);
+      } else {
+        cpu_kernels().scaled_copy(out.scalar_type(), from, to, beta, rows * width);
+      }
     }
-  }
+  });
 }
 
 // out = beta * addend + op(a) op(b) as blocks of out's rows, one per thread,
