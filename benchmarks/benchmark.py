@@ -417,7 +417,8 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             "shape": dict(zip("ndhq", shape)), "dtype": dtype_name, "activation": activation,
             "mode": mode, "flops": fl,
             "seconds": {s.name: median[s.name] for s in sides},
-            "rounds": {s.name: times[s.name] for s in sides},
+            "rounds": {name: times[name] for name in (*(s.name for s in sides), "fused op")
+                       if name in times},
             # Per round, eager and fused ran back to back: the median of the
             # per-round ratios is robust to load that drifts between rounds.
             "ratio": statistics.median(e / f for e, f in zip(times["eager"], times["fused"])),

@@ -257,21 +257,24 @@ void copy_addend(Tensor& out, const Tensor& addend, double beta, int64_t r0, int
   const int64_t width = out.size(1), row_bytes = width * out.element_size();
   char* const dst = static_cast<char*>(out.data_ptr());
   const char* const src = static_cast<const char*>(addend.const_data_ptr());
-  const bool whole = addend.dim() == 2;
-  // Threaded like ATen's copy (inside split_gemm's region, on the calling
-  // thread): a fresh out is faulted in here, page by page.
+  const auto copy = [&](char* to, const char* from, int64_t rows) {
+    if (beta == 1) {
+      std::memcpy(to, from, rows * row_bytes);
+    } else {
+      cpu_kernels().scaled_copy(out.scalar_type(), from, to, beta, rows * width);
+    }
+  };
+  // Threaded like ATen's copy, since a fresh out is faulted in here page by
+  // page (inside split_gemm's parallel region this runs on the calling thread).
   constexpr int64_t kGrainBytes = int64_t(1) << 17;
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(r0, r1, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; i += whole ? hi - lo : 1) {
-      const int64_t rows = whole ? hi - lo : 1;
-      char* to = dst + i * row_bytes;
-      const char* from = whole ? src + i * row_bytes : src;
-      if (beta == 1) {
-        std::memcpy(to, from, rows * row_bytes);
-      } else {
-        cpu_kernels().scaled_copy(out.scalar_type(), from, to, beta, rows * width);
-      }
+    if (addend.dim() == 2) {
+      copy(dst + lo * row_bytes, src + lo * row_bytes, hi - lo);
+      return;
+    }
+    for (int64_t i = lo; i < hi; ++i) {
+      copy(dst + i * row_bytes, src, 1);
     }
   });
 }
@@ -317,6 +320,7 @@ void matmul_cpu(
   // beta * addend goes into out first; the product adds to it (the GEMM's beta
   // is then 1, and 0 without an addend).
   const Tensor add = addend != nullptr && beta != 0 ? addend->contiguous() : Tensor();
+  const double gemm_beta = add.defined() ? 1.0 : 0.0;
   const bool is_float = out.scalar_type() == at::kFloat;
   const CpuGemm gemm = k == 0 ? CpuGemm::Blas : choose_gemm(out, m, n, k);
   if (gemm == CpuGemm::Split) {
@@ -327,23 +331,22 @@ void matmul_cpu(
   if (add.defined()) {
     copy_addend(out, add, beta, 0, m);
   }
-  beta = add.defined() ? 1.0 : 0.0;
   if (k == 0) {
-    if (beta == 0) {
+    if (!add.defined()) {
       out.zero_();
     }
     return;
   }
   if (gemm == CpuGemm::OneDnn) {
-    onednn_gemm(out, a, trans_a, b, trans_b, beta);
+    onednn_gemm(out, a, trans_a, b, trans_b, gemm_beta);
     return;
   }
-  if (is_float ? blas_gemm<float>(out, a, trans_a, b, trans_b, beta, m, n, k)
-               : blas_gemm<double>(out, a, trans_a, b, trans_b, beta, m, n, k)) {
+  if (is_float ? blas_gemm<float>(out, a, trans_a, b, trans_b, gemm_beta, m, n, k)
+               : blas_gemm<double>(out, a, trans_a, b, trans_b, gemm_beta, m, n, k)) {
     return;
   }
   const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;
-  beta == 0 ? at::mm_out(out, lhs, rhs) : at::addmm_out(out, out, lhs, rhs, beta);
+  add.defined() ? at::addmm_out(out, out, lhs, rhs) : at::mm_out(out, lhs, rhs);
 }
 
 DeviceKernels make_cpu_kernels() {

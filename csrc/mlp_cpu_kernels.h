@@ -52,7 +52,7 @@ struct CpuKernelTable {
   void (*column_sums)(c10::ScalarType dtype, const void* g, void* out, int64_t rows, int64_t width);
   // Sum of the squares of size elements, accumulated in double across chunks.
   double (*sum_of_squares)(c10::ScalarType dtype, const void* data, int64_t size);
-  // dst (size) = scale * src.
+  // dst (size) = scale * src, on the calling thread (callers split the rows).
   void (*scaled_copy)(c10::ScalarType dtype, const void* src, void* dst, double scale, int64_t size);
 };
 

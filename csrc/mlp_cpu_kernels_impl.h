@@ -179,16 +179,6 @@ double sum_of_squares_impl(const T* data, int64_t size) {
   return total;
 }
 
-template <typename T>
-void scaled_copy_impl(const T* src, T* dst, T scale, int64_t size) {
-  using V = at::vec::Vectorized<T>;
-  at::parallel_for(0, size, kGrainElements, [&](int64_t begin, int64_t end) {
-    for_each_vector<V>(begin, end, [&](int64_t j, int64_t count) {
-      (V::loadu(src + j, count) * V(scale)).store(dst + j, count);
-    });
-  });
-}
-
 // The table's entries: the dtype picks T, the activation picks A.
 template <typename F>
 void with_dtype(c10::ScalarType dtype, const F& f) {
@@ -242,7 +232,10 @@ double sum_of_squares(c10::ScalarType dtype, const void* data, int64_t size) {
 void scaled_copy(c10::ScalarType dtype, const void* src, void* dst, double scale, int64_t size) {
   with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    scaled_copy_impl<T>(static_cast<const T*>(src), static_cast<T*>(dst), static_cast<T>(scale), size);
+    using V = at::vec::Vectorized<T>;
+    const V factor(static_cast<T>(scale));
+    at::vec::map([&](V v) { return v * factor; }, static_cast<T*>(dst),
+                 static_cast<const T*>(src), size);
   });
 }
 
