@@ -135,6 +135,13 @@ BlasMatrix blas_operand(const Tensor& t, bool trans) {
   return {copy, copy.const_data_ptr(), static_cast<int>(std::max<int64_t>(cols, 1)), trans};
 }
 
+// Products of fewer multiply-adds run on the calling thread: there a threaded
+// GEMM loses more to waking and joining its threads than it gains. Measured
+// with MKL on a 2-core VM: the 64^4 training step (262K multiply-adds a
+// product) 1.3x faster; 256x256x10 products (655K) 20-30 us slower, 128^3 (2M)
+// 1.08x slower.
+constexpr int64_t kSerialBelow = int64_t(1) << 19;
+
 template <typename T>
 bool blas_gemm(
     Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta,
@@ -153,13 +160,9 @@ bool blas_gemm(
   const T alpha = 1, beta_t = static_cast<T>(beta);
   const T* lhs_data = static_cast<const T*>(lhs.data);
   const T* rhs_data = static_cast<const T*>(rhs.data);
-  // Small products run on the calling thread: there MKL's threaded GEMM loses
-  // more to waking and joining its threads than it gains. Measured on a 2-core
-  // VM: the 64^4 training step (262K multiply-adds a product) 1.3x faster;
-  // 256x256x10 products (655K) 20-30 us slower, 128^3 (2M) 1.08x slower. The
-  // setting is thread-local and restored (0: MKL's global count again). Inside
-  // a parallel region (split_gemm) every call is serial.
-  constexpr int64_t kSerialBelow = int64_t(1) << 19;  // multiply-adds
+  // Small products run on the calling thread (kSerialBelow). The setting is
+  // thread-local and restored (0: MKL's global count again). Inside a parallel
+  // region (split_gemm) every call is serial.
   const bool serial = MKL_Set_Num_Threads_Local != nullptr &&
       (m * n * k < kSerialBelow || at::in_parallel_region());
   const int previous = serial ? MKL_Set_Num_Threads_Local(1) : 0;
@@ -184,7 +187,13 @@ enum class CpuGemm {
   Blas,    // the BLAS torch links (MKL): threaded from kSerialBelow on
   OneDnn,  // ATen's oneDNN matmul (float32)
   Split,   // one serial BLAS call per thread, each on a block of out
+  Short,   // our kernels for products with a short side (mlp_cpu_gemm_impl.h)
 };
+
+bool short_usable(const Tensor& out) {
+  return cpu_kernels().short_gemm != nullptr &&
+      (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble);
+}
 
 bool onednn_usable(const Tensor& out) {
 #if MLP_EXT_HAVE_WEAK
@@ -222,13 +231,20 @@ bool split_usable(const Tensor& out, int64_t m, int64_t n, int64_t k) {
 //   A/B rounds. Halves of 32 rows (Z = X W1^T there) gained nothing, square-ish
 //   products lose (256x784x256: 520 vs 487 us), and below 512K multiply-adds
 //   the parallel region costs more than it saves (64^4 forward: 20 -> 47 us).
-CpuGemm choose_gemm(const Tensor& out, int64_t m, int64_t n, int64_t k) {
+// - Our kernels (Short) run at 190-210 GFLOP/s in float32 and ~100 in float64
+//   (the two cores' FMA peak) while the operand they read over and over (B
+//   for NN / TN, A for NT) stays in the caches: 1.1-2.4x MKL from 32x784x256
+//   to 512x784x256 and on every smaller product of the sweep. With operands
+//   of 4 MiB and more they lose (4096x1024x1024: 0.7-0.8x; k = 4096: 0.3-0.4x),
+//   since they do not block for the caches the way a BLAS does.
+CpuGemm choose_gemm(
+    const Tensor& out, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k) {
   static const int forced = [] {
     // MLP_EXT_CPU_GEMM=blas|onednn|split forces one path where it is usable
     // (for measurements and tests).
     const char* env = std::getenv("MLP_EXT_CPU_GEMM");
     const std::string v = env ? env : "";
-    return v == "blas" ? 0 : v == "onednn" ? 1 : v == "split" ? 2 : -1;
+    return v == "blas" ? 0 : v == "onednn" ? 1 : v == "split" ? 2 : v == "short" ? 3 : -1;
   }();
   if (forced == 1 && onednn_usable(out)) {
     return CpuGemm::OneDnn;
@@ -236,10 +252,22 @@ CpuGemm choose_gemm(const Tensor& out, int64_t m, int64_t n, int64_t k) {
   if (forced == 2 && split_usable(out, m, n, k)) {
     return CpuGemm::Split;
   }
+  if (forced == 3 && short_usable(out)) {
+    return CpuGemm::Short;
+  }
   if (forced != -1) {
     return CpuGemm::Blas;
   }
   const int64_t work = m * n * k;  // multiply-adds
+  constexpr int64_t kShortMaxBytes = int64_t(2) << 20;
+  const int64_t reread = (trans_b ? m * k : k * n) * out.element_size();
+  // Short dot products sum their vectors' lanes too often: float32 NT products
+  // with k < 256 on one thread run at 0.74-0.96x MKL from 64 x 64 up.
+  const bool short_dots = out.scalar_type() == at::kFloat && trans_b && !trans_a && k < 256 &&
+      std::min(m, n) >= 32 && work < kSerialBelow;
+  if (reread <= kShortMaxBytes && !short_dots && short_usable(out)) {
+    return CpuGemm::Short;
+  }
   constexpr int64_t kSplitMinWork = int64_t(1) << 19, kSplitMinRows = 64, kSplitMaxSide = 64;
   if (work >= kSplitMinWork && m >= kSplitMinRows && std::min(n, k) <= kSplitMaxSide &&
       split_usable(out, m, n, k)) {
@@ -300,6 +328,27 @@ void split_gemm(
   });
 }
 
+// out = beta * add + op(a) op(b), the addend (contiguous, of out's shape or
+// one row) read by the kernel as it writes each tile.
+void short_gemm(
+    Tensor& out, const Tensor& add, double beta, const Tensor& a, bool trans_a, const Tensor& b,
+    bool trans_b) {
+  // blas_operand's column-major view of op(t)^T is the row-major view of t (or
+  // of t^T) that the kernels read: the same data, leading dimension and flag.
+  const BlasMatrix rhs = blas_operand(b, trans_b);
+  BlasMatrix lhs = blas_operand(a, trans_a);
+  if (lhs.transposed && rhs.transposed) {  // no kernel reads both transposed
+    const Tensor op_a = (trans_a ? a.t() : a).contiguous();
+    lhs = {op_a, op_a.const_data_ptr(), static_cast<int>(std::max<int64_t>(op_a.size(1), 1)),
+           false};
+  }
+  const int64_t m = out.size(0), n = out.size(1), k = trans_a ? a.size(0) : a.size(1);
+  cpu_kernels().short_gemm(
+      out.scalar_type(), lhs.transposed, rhs.transposed, m, n, k, lhs.data, lhs.ld, rhs.data,
+      rhs.ld, out.data_ptr(), n, add.defined() ? add.const_data_ptr() : nullptr,
+      add.dim() == 2 ? n : 0, beta, m * n * k >= kSerialBelow);
+}
+
 void onednn_gemm(
     Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta) {
 #if MLP_EXT_HAVE_WEAK
@@ -322,10 +371,14 @@ void matmul_cpu(
   const Tensor add = addend != nullptr && beta != 0 ? addend->contiguous() : Tensor();
   const double gemm_beta = add.defined() ? 1.0 : 0.0;
   const bool is_float = out.scalar_type() == at::kFloat;
-  const CpuGemm gemm = k == 0 ? CpuGemm::Blas : choose_gemm(out, m, n, k);
+  const CpuGemm gemm = k == 0 ? CpuGemm::Blas : choose_gemm(out, trans_a, trans_b, m, n, k);
   if (gemm == CpuGemm::Split) {
     is_float ? split_gemm<float>(out, add, a, trans_a, b, trans_b, beta, m, n, k)
              : split_gemm<double>(out, add, a, trans_a, b, trans_b, beta, m, n, k);
+    return;
+  }
+  if (gemm == CpuGemm::Short) {
+    short_gemm(out, add, beta, a, trans_a, b, trans_b);
     return;
   }
   if (add.defined()) {

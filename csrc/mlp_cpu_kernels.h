@@ -54,6 +54,16 @@ struct CpuKernelTable {
   double (*sum_of_squares)(c10::ScalarType dtype, const void* data, int64_t size);
   // dst (size) = scale * src, on the calling thread (callers split the rows).
   void (*scaled_copy)(c10::ScalarType dtype, const void* src, void* dst, double scale, int64_t size);
+  // out (m x n, rows ld_out apart) = beta * addend + op(a) op(b); a and b
+  // row-major with rows ld_a / ld_b apart, op(a) = a^T where trans_a (m x k
+  // either way), likewise b, not both transposed; the addend (if not null) has
+  // rows ld_addend apart (0: one row for all). Split over the threads where
+  // parallel. For products with a short side (mlp_cpu_gemm_impl.h); null where
+  // the instruction set has no wide vectors.
+  void (*short_gemm)(
+      c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+      const void* a, int64_t ld_a, const void* b, int64_t ld_b, void* out, int64_t ld_out,
+      const void* addend, int64_t ld_addend, double beta, bool parallel);
 };
 
 // Null where the compiler or the architecture cannot build that variant.

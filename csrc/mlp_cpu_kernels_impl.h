@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "activation.h"
+#include "mlp_cpu_gemm_impl.h"
 
 namespace mlp_ext {
 
@@ -239,10 +240,30 @@ void scaled_copy(c10::ScalarType dtype, const void* src, void* dst, double scale
   });
 }
 
+// Without a capability at::vec is scalar code, and the BLAS is faster.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define MLP_EXT_SHORT_GEMM short_gemm
+void short_gemm(
+    c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+    const void* a, int64_t ld_a, const void* b, int64_t ld_b, void* out, int64_t ld_out,
+    const void* addend, int64_t ld_addend, double beta, bool parallel) {
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    const Addend<T> add{static_cast<const T*>(addend), addend ? ld_addend : 0, static_cast<T>(beta)};
+    short_gemm_impl<T>(trans_a, trans_b, m, n, k, static_cast<const T*>(a), ld_a,
+                       static_cast<const T*>(b), ld_b, static_cast<T*>(out), ld_out, add,
+                       parallel);
+  });
+}
+#else
+#define MLP_EXT_SHORT_GEMM nullptr
+#endif
+
 }  // namespace
 
-const CpuKernelTable kTable{
-    bias_activation, activation_backward, column_sums, sum_of_squares, scaled_copy};
+const CpuKernelTable kTable{bias_activation, activation_backward, column_sums,
+                            sum_of_squares,  scaled_copy,         MLP_EXT_SHORT_GEMM};
+#undef MLP_EXT_SHORT_GEMM
 
 }  // namespace CPU_CAPABILITY
 }  // namespace mlp_ext

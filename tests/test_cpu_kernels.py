@@ -1,6 +1,6 @@
 """The CPU operator's internal paths: every instruction-set variant of the
-elementwise kernels and every GEMM path (MKL, oneDNN, MKL split over threads),
-against the references.
+elementwise kernels and every GEMM path (MKL, oneDNN, MKL split over threads,
+our short-side kernels), against the references.
 
 The variant (ATEN_CPU_CAPABILITY) and the GEMM path (MLP_EXT_CPU_GEMM) are
 chosen once per process, so each combination runs in a fresh interpreter.
@@ -23,16 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Widths that are not multiples of any vector length exercise the partial
 # loads and stores; 300 x 256 x 300 is large enough for the oneDNN path.
+SHAPES = ((1, 3, 5, 2), (7, 33, 17, 9), (300, 256, 300, 70))
+# The short-side kernels' edges: every remainder of their register tiles (6
+# rows x 4 vectors, 4 x 4 dot products) and of the vector length in k, on one
+# thread and split over two (from 512K multiply-adds).
+SHORT_SHAPES = ((1, 16, 16, 16), (5, 17, 63, 3), (6, 65, 64, 7), (13, 1, 130, 1), (33, 200, 7, 65),
+                (70, 301, 130, 20), (97, 64, 257, 31))
 CHECK = textwrap.dedent("""
     import torch, mlp_ext
     from mlp_ext import reference
     torch.manual_seed(0)
     torch.set_num_threads(max(2, torch.get_num_threads()))  # the split path needs two
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
-        for n, d, h, q in ((1, 3, 5, 2), (7, 33, 17, 9), (300, 256, 300, 70)):
-            for act in mlp_ext.ACTIVATIONS:
+        for n, d, h, q in SHAPES:
+            for act in ACTIVATIONS:
                 # Column-major x and w1 in some cases: the libraries read them in place.
-                x = torch.randn(d, n, dtype=torch.float64).t() if n == 300 else torch.randn(n, d, dtype=torch.float64)
+                x = torch.randn(d, n, dtype=torch.float64).t() if n in (300, 70) else torch.randn(n, d, dtype=torch.float64)
                 w1 = (torch.randn(d, h, dtype=torch.float64).t() if n == 7 else torch.randn(h, d, dtype=torch.float64)) / d ** 0.5
                 w2 = torch.randn(q, h, dtype=torch.float64) / h ** 0.5
                 b1, b2 = torch.randn(h, dtype=torch.float64), torch.randn(q, dtype=torch.float64)
@@ -49,17 +55,30 @@ CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("capability, gemm", [
-    ("default", "blas"), ("avx2", "blas"), ("avx512", "blas"), ("avx512", "onednn"),
-    ("avx512", "split"),
-])
-def test_kernel_variants_and_gemm_libraries(capability, gemm):
+def run_check(capability, gemm, shapes, activations):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MLP_EXT_CPU_GEMM=gemm,
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True,
+    script = f"SHAPES = {shapes!r}\nACTIVATIONS = {activations!r}\n" + CHECK
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")
+    return done.stdout.split()[1]
+
+
+@pytest.mark.parametrize("capability, gemm", [
+    ("default", "blas"), ("avx2", "blas"), ("avx512", "blas"), ("avx512", "onednn"),
+    ("avx512", "split"), ("avx2", "short"), ("avx512", "short"),
+])
+def test_kernel_variants_and_gemm_libraries(capability, gemm):
+    run_check(capability, gemm, SHAPES, mlp_ext.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+def test_short_gemm_tile_edges(capability):
+    if capability == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512")  # ATen would run the AVX2 kernels instead
+    assert run_check(capability, "short", SHORT_SHAPES, ("relu", "gelu")) == capability.upper()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
