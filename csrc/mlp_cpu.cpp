@@ -1,12 +1,13 @@
 // The CPU operator: the elementwise kernels (mlp_cpu_kernels*.cpp, the widest
 // instruction set the CPU has), the matrix products, and the registration.
 //
-// The matrix products skip ATen's dispatch and go straight to the library:
-// oneDNN (inside torch) for float32 products that are large enough to win by
-// it, and the BLAS that torch links (MKL) otherwise. At small sizes the
-// operator's time is per-call overhead, so every ATen call saved counts; at
-// large sizes oneDNN's float32 GEMM is faster than MKL's sgemm (what
-// nn.Linear uses) on CPUs MKL does not tune for, such as AMD's.
+// The matrix products skip ATen's dispatch: products with a short side whose
+// re-read operand fits the caches run on our own kernels (mlp_cpu_gemm_impl.h),
+// larger ones go straight to oneDNN (inside torch) for float32 products large
+// enough to win by it, and to the BLAS that torch links (MKL) otherwise. At
+// small sizes the operator's time is per-call overhead, so every ATen call
+// saved counts; at large sizes oneDNN's float32 GEMM is faster than MKL's
+// sgemm (what nn.Linear uses) on CPUs MKL does not tune for, such as AMD's.
 #include <ATen/Context.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
