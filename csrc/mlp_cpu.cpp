@@ -241,7 +241,7 @@ bool split_usable(const Tensor& out, int64_t m, int64_t n, int64_t k) {
 CpuGemm choose_gemm(
     const Tensor& out, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k) {
   static const int forced = [] {
-    // MLP_EXT_CPU_GEMM=blas|onednn|split forces one path where it is usable
+    // MLP_EXT_CPU_GEMM=blas|onednn|split|short forces one path where it is usable
     // (for measurements and tests).
     const char* env = std::getenv("MLP_EXT_CPU_GEMM");
     const std::string v = env ? env : "";

@@ -55,13 +55,13 @@ struct Addend {
 
 // Calls f over 0..N-1 with each index a compile-time constant (fully unrolled,
 // so the accumulators stay in registers).
-template <int N, typename F, int... I>
+template <typename F, int... I>
 C10_ALWAYS_INLINE void unroll_impl(const F& f, std::integer_sequence<int, I...>) {
   (f(std::integral_constant<int, I>{}), ...);
 }
 template <int N, typename F>
 C10_ALWAYS_INLINE void unroll(const F& f) {
-  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
 // out[r][:] += beta * addend[r][:] over R rows of NV vectors (the last `last` wide).
@@ -160,35 +160,28 @@ void outer_block(
   }
 }
 
+// Folds N vectors of partial sums into N / 2, then on to one: vector i becomes
+// the pairwise sums of vectors 2i and 2i + 1, in order, each over twice as many
+// lanes as before (deinterleave2 splits the concatenated pair into its even and
+// odd lanes).
+template <int N, typename V>
+C10_ALWAYS_INLINE void fold_pairs(V* part) {
+  if constexpr (N > 1) {
+    unroll<N / 2>([&](auto i) {
+      auto [even, odd] = at::vec::deinterleave2(part[2 * i], part[2 * i + 1]);
+      part[i] = even + odd;
+    });
+    fold_pairs<N / 2>(part);
+  }
+}
+
 // Lane l of the result is the sum of the lanes of acc[offset + l]: a tree of
 // V::size() - 1 deinterleave-and-add steps instead of one reduction a vector.
 template <typename V, int N>
 C10_ALWAYS_INLINE V lane_sums(V (&acc)[N], int offset) {
   V part[V::size()];
   unroll<V::size()>([&](auto l) { part[l] = acc[offset + l]; });
-  // Each step halves the vectors: vector i holds, in order, the partial sums
-  // of the lanes of 2i and 2i + 1, each over twice as many lanes as before.
-  unroll<V::size() / 2>([&](auto i) {
-    auto [even, odd] = at::vec::deinterleave2(part[2 * i], part[2 * i + 1]);
-    part[i] = even + odd;
-  });
-  if constexpr (V::size() >= 4) {
-    unroll<V::size() / 4>([&](auto i) {
-      auto [even, odd] = at::vec::deinterleave2(part[2 * i], part[2 * i + 1]);
-      part[i] = even + odd;
-    });
-  }
-  if constexpr (V::size() >= 8) {
-    unroll<V::size() / 8>([&](auto i) {
-      auto [even, odd] = at::vec::deinterleave2(part[2 * i], part[2 * i + 1]);
-      part[i] = even + odd;
-    });
-  }
-  if constexpr (V::size() >= 16) {
-    auto [even, odd] = at::vec::deinterleave2(part[0], part[1]);
-    part[0] = even + odd;
-  }
-  static_assert(V::size() <= 16, "lane_sums: at most 16 lanes");
+  fold_pairs<V::size()>(part);
   return part[0];
 }
 
