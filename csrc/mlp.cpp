@@ -11,6 +11,7 @@
 #include <cmath>
 #include <string>
 
+#include "cuda/narrow_path.h"
 #include "mlp.h"
 
 namespace mlp_ext {
@@ -114,6 +115,55 @@ void check_forward_inputs(
   check_bias("b2", b2, w2.size(0), "out_features", x);
 }
 
+void check_backward_inputs(
+    const Tensor& grad_o,
+    const std::optional<Tensor>& grad_s,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const Tensor& z,
+    const std::optional<Tensor>& h) {
+  TORCH_CHECK(
+      w1.dim() == 2 && w2.dim() == 2 && w2.size(1) == w1.size(0),
+      "fused_mlp_backward: expected w1 of shape (hidden_features, in_features) and w2 of shape "
+      "(out_features, hidden_features), but got w1.shape = ", w1.sizes(), ", w2.shape = ",
+      w2.sizes());
+  const int64_t in_features = w1.size(1), hidden = w1.size(0), out_features = w2.size(0);
+  TORCH_CHECK(
+      z.dim() == 2 && z.size(1) == hidden,
+      "fused_mlp_backward: expected z of shape (batch, hidden_features = ", hidden,
+      "), but got z.shape = ", z.sizes());
+  const int64_t n = z.size(0);
+  TORCH_CHECK(
+      !h || h->sizes() == z.sizes(), "fused_mlp_backward: expected h of shape ", z.sizes(),
+      " (the shape of z), but got h.shape = ", h->sizes());
+  TORCH_CHECK(
+      x.dim() >= 1 && x.size(-1) == in_features && x.numel() == n * in_features,
+      "fused_mlp_backward: expected x of ", n, " rows of in_features = ", in_features,
+      ", but got x.shape = ", x.sizes());
+  TORCH_CHECK(
+      grad_o.numel() == n * out_features,
+      "fused_mlp_backward: expected grad_o with ", n, " x ", out_features,
+      " elements, but got grad_o.shape = ", grad_o.sizes());
+  TORCH_CHECK(
+      !grad_s || grad_s->numel() == 1,
+      "fused_mlp_backward: expected grad_s with one element, but got grad_s.shape = ",
+      grad_s->sizes());
+  const std::pair<const char*, const Tensor*> tensors[] = {
+      {"grad_o", &grad_o}, {"x", &x}, {"w1", &w1}, {"w2", &w2}, {"h", h ? &*h : nullptr}};
+  for (const auto& [name, t] : tensors) {
+    if (t == nullptr) {
+      continue;
+    }
+    TORCH_CHECK_TYPE(
+        t->scalar_type() == z.scalar_type(), "fused_mlp_backward: expected ", name,
+        " to have the dtype of z (", z.scalar_type(), "), but got ", t->scalar_type());
+    TORCH_CHECK(
+        t->device() == z.device(), "fused_mlp_backward: expected ", name, " on the device of z (",
+        z.device(), "), but got ", name, " on ", t->device());
+  }
+}
+
 namespace {
 
 // out = beta * addend + op(a) op(b) (see DeviceKernels::matmul).
@@ -175,10 +225,13 @@ ForwardResult fused_mlp_forward(
   const Tensor x2d = x.dim() == 2 ? x : x.reshape({n, in_features});
   const auto options = x.options();
 
+  // b1 rides in the product as its addend, so that z is rounded once (as
+  // nn.Linear's is): a half-precision product rounded before b1 is added would be
+  // rounded twice.
   Tensor z = empty({n, hidden}, options);
-  matmul(kernels, z, nullptr, x2d, false, w1, /*trans_b=*/true);
+  matmul(kernels, z, b1 ? &*b1 : nullptr, x2d, false, w1, /*trans_b=*/true);
   Tensor h = keep_z || !kernels.activation_in_place ? empty({n, hidden}, options) : z;
-  kernels.bias_activation(z, h, b1, act);
+  kernels.bias_activation(z, h, std::nullopt, act);
   Tensor o = empty({n, out_features}, options);
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
@@ -246,13 +299,10 @@ BackwardResult fused_mlp_backward(
     double weight_decay,
     std::array<bool, 5> output_mask) {
   const Activation act = parse_activation(activation);
+  check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h);
   const auto [need_dx, need_dw1, need_dw2, need_db1, need_db2] = output_mask;
   const int64_t n = z.size(0);
   const int64_t in_features = w1.size(1), hidden = w1.size(0), out_features = w2.size(0);
-  TORCH_CHECK(
-      grad_o.numel() == n * out_features,
-      "fused_mlp_backward: expected grad_o with ", n, " x ", out_features,
-      " elements, but got grad_o.shape = ", grad_o.sizes());
   const Tensor g_o = grad_o.dim() == 2 ? grad_o : grad_o.reshape({n, out_features});
   const auto options = z.options();
 
@@ -464,6 +514,36 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
   return {outputs[0], outputs[1]};
 }
 
+// For tests and diagnostics: which path the CUDA op takes for a problem of these
+// properties (choose_narrow_path): "fused: <why>" or "gemm: <why>".
+std::string narrow_path_choice(
+    int64_t n,
+    int64_t d,
+    int64_t h,
+    int64_t q,
+    at::ScalarType dtype,
+    bool allow_tf32,
+    bool aligned,
+    int64_t compute_capability,
+    int64_t smem_per_block,
+    c10::string_view mode) {
+  const auto narrow_mode = parse_narrow_mode(mode);
+  TORCH_CHECK_VALUE(
+      narrow_mode, "_narrow_path_choice: expected mode \"off\", \"on\" or \"auto\", but got \"",
+      mode, "\"");
+  NarrowProblem p;
+  p.n = n, p.d = d, p.h = h, p.q = q;
+  p.dtype = dtype == at::kHalf       ? std::optional<NarrowDType>(NarrowDType::Float16)
+      : dtype == at::kBFloat16       ? std::optional<NarrowDType>(NarrowDType::BFloat16)
+      : dtype == at::kFloat          ? std::optional<NarrowDType>(NarrowDType::Float32)
+                                     : std::nullopt;
+  p.allow_tf32 = allow_tf32, p.aligned = aligned;
+  p.compute_capability = static_cast<int>(compute_capability);
+  p.smem_per_block = static_cast<int>(smem_per_block);
+  const NarrowChoice choice = choose_narrow_path(*narrow_mode, p);
+  return std::string(choice.fused ? "fused: " : "gemm: ") + choice.reason;
+}
+
 }  // namespace
 
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
@@ -503,6 +583,10 @@ TORCH_LIBRARY(mlp_ext, m) {
       "Tensor z, Tensor? h, str activation, float weight_decay, bool[5] output_mask) -> "
       "(Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
   m.impl("fused_mlp", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(fused_mlp_autograd));
+  m.def(
+      "_narrow_path_choice(int n, int d, int h, int q, ScalarType dtype, bool allow_tf32, "
+      "bool aligned, int compute_capability, int smem_per_block, str mode) -> str",
+      TORCH_FN(narrow_path_choice));
 }
 
 }  // namespace mlp_ext

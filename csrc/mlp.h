@@ -35,6 +35,18 @@ void check_forward_inputs(
     double weight_decay,
     bool allow_reduced_precision);
 
+// TORCH_CHECKs the arguments of fused_mlp_backward against each other: z is
+// (n, hidden_features), h (if given) like z, x holds n rows of in_features,
+// grad_o n rows of out_features; all of z's dtype and device.
+void check_backward_inputs(
+    const Tensor& grad_o,
+    const std::optional<Tensor>& grad_s,
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const Tensor& z,
+    const std::optional<Tensor>& h);
+
 struct DeviceKernels {
   // z (n x h, contiguous) += b1 (if given); h = phi(z). Both written in one pass.
   // h may be z itself where activation_in_place is set.

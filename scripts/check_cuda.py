@@ -5,8 +5,9 @@ csrc/cuda/*.cpp with the host compiler, each with the flags torch's
 CUDAExtension gives it (torch.utils.cpp_extension's COMMON_NVCC_FLAGS, arch
 flags and include paths, setup.py's extra flags), once as C++17 (what older
 torch releases pass) and once as C++20 (what torch 2.13 passes). Then every
-mlp_ext::gpu symbol that the .cpp objects use must be defined by the .cu
-objects, or importing the real build would fail on the GPU machine.
+mlp_ext::gpu and mlp_ext::narrow_mlp_* symbol that the .cpp objects use must be
+defined by the .cu objects, or importing the real build would fail on the GPU
+machine.
 
 Then the kernels run: the .cu files are compiled as C++ against a CPU stand-in
 for the CUDA execution model (scripts/cuda_emulation/emu.h: blocks in turn, the
@@ -46,6 +47,10 @@ SETUP_CXX_FLAGS = ["-O3", "-fopenmp"]
 SETUP_NVCC_FLAGS = ["-O3"]
 # What BuildExtension adds to every compile of mlp_ext._C.
 EXTENSION_DEFINES = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+
+# What the .cu objects define for the .cpp objects: mlp_ext::gpu::* (mlp_kernels.cuh)
+# and mlp_ext::narrow_mlp_* (narrow_mlp.cuh), as mangled names.
+DEVICE_SYMBOL = re.compile(r"7mlp_ext(3gpu|\d+narrow_mlp_)")
 
 # A diagnostic located in one of our sources: "file:line:col: warning" (gcc) or
 # "file(line): warning" (nvcc).
@@ -232,7 +237,7 @@ def main():
                 out = subprocess.run(["nm", which, *paths], check=True, capture_output=True,
                                      text=True).stdout
                 return {line.split()[-1] for line in out.splitlines()
-                        if line.strip() and "7mlp_ext3gpu" in line.split()[-1]}
+                        if line.strip() and DEVICE_SYMBOL.search(line.split()[-1])}
 
             objects = lambda files: [os.path.join(tmp, std, os.path.basename(f) + ".o") for f in files]
             needed = symbols(objects(cpp_files), "--undefined-only") if cpp_files else set()
@@ -241,7 +246,7 @@ def main():
             if missing:
                 names = subprocess.run(["c++filt", *missing], capture_output=True, text=True).stdout
                 fail(f"-std={std}: the .cpp objects use kernels that no .cu object defines:\n{names}")
-            print(f"check_cuda: -std={std}: all {len(needed)} mlp_ext::gpu symbols used by the "
+            print(f"check_cuda: -std={std}: all {len(needed)} mlp_ext::gpu / narrow_mlp_ symbols used by the "
                   f".cpp objects are defined by the .cu objects")
     print("check_cuda: OK")
 

@@ -3,9 +3,11 @@
 Every test forces a path with the environment variable MLP_EXT_NARROW (read at
 each call): "on" takes the fused kernels wherever they cover the problem (widths
 multiples of 16 up to 128; float16, bfloat16, or float32 with TF32 allowed), "off"
-always takes the GEMM path, "auto" (the default) picks by measured thresholds.
-Results of both paths are compared with float64 references computed from the same
-rounded inputs; the profiler tells which kernels ran.
+(the default while the variable is unset) always takes the GEMM path, "auto" picks
+by the thresholds of narrow_preferred (csrc/cuda/narrow_path.h). Results of both
+paths are compared with float64 references computed from the same rounded inputs;
+the profiler tells which kernels ran. Which problems the choice accepts, and why it
+refuses the others, is tested without a GPU in tests/test_narrow_path.py.
 """
 import contextlib
 import math
@@ -87,6 +89,9 @@ def make_problem(lead, d, h, q, dtype, *, bias=True, seed=None, activation=None)
     flip it against the float64 reference and move one row's gradient by O(1). For
     activation="relu" the rows with a pre-activation within 1e-5 of 0 (a few in
     10^3) get a zero upstream gradient, so that they add nothing to any gradient.
+    float32 products may run as TF32 (11 significant bits), which moves z by ~1e-4,
+    far outside that band: float32 x and w1 are drawn with bfloat16's 8 significant
+    bits, exact in TF32, so that z is exact up to float32 accumulation on any path.
     """
     gen = torch.Generator(device="cuda")
     gen.manual_seed(seed if seed is not None else secrets.randbits(62))
@@ -95,8 +100,10 @@ def make_problem(lead, d, h, q, dtype, *, bias=True, seed=None, activation=None)
         return (torch.rand(*size, device="cuda", generator=gen, dtype=torch.float64) * 2 - 1) * bound
 
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    x = cast(torch.randn(*lead, d, device="cuda", generator=gen, dtype=torch.float64))
-    w1, w2 = cast(uniform(h, d, bound=d**-0.5)), cast(uniform(q, h, bound=h**-0.5))
+    # float32: through bfloat16 first (TF32-exact, see above).
+    cast_tf32_exact = (lambda t: t.to(torch.bfloat16).to(dtype)) if dtype == torch.float32 else cast
+    x = cast_tf32_exact(torch.randn(*lead, d, device="cuda", generator=gen, dtype=torch.float64))
+    w1, w2 = cast_tf32_exact(uniform(h, d, bound=d**-0.5)), cast(uniform(q, h, bound=h**-0.5))
     b1, b2 = (cast(uniform(h, bound=d**-0.5)), cast(uniform(q, bound=h**-0.5))) if bias else (None, None)
     grad_o = torch.randn(*lead, q, device="cuda", generator=gen, dtype=torch.float64)
     grad_s = torch.rand((), device="cuda", generator=gen, dtype=torch.float64) + 0.5
@@ -346,3 +353,18 @@ def test_module_training_step_on_fused_path(path):
     for (name, p_on), p_off in zip(models["on"].named_parameters(), models["off"].parameters()):
         assert math.isfinite(p_on.float().abs().max().item()), name
         torch.testing.assert_close(p_on, p_off, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_unset_means_off(monkeypatch):
+    """Without MLP_EXT_NARROW the GEMM path runs (the fused kernels are opt-in)."""
+    monkeypatch.delenv("MLP_EXT_NARROW", raising=False)
+    inputs, grad_o, grad_s = make_problem((512,), 64, 64, 64, torch.float16)
+    _, kernels = profiled(lambda: forward_backward(inputs, grad_o, grad_s, "relu", 0.1))
+    assert kernels == set()
+
+
+def test_invalid_mode_is_a_clear_error(path):
+    inputs, _, _ = make_problem((8,), 16, 16, 16, torch.float16)
+    path("yes")
+    with pytest.raises(ValueError, match=r'MLP_EXT_NARROW.*"off", "on" or "auto".*"yes"'):
+        mlp_ext.fused_mlp(*inputs)

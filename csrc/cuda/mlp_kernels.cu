@@ -10,9 +10,9 @@
 //
 // VEC = 16 / sizeof(T) (one 16-byte access) when the pointers are 16-byte
 // aligned and width % VEC == 0 (so a vector never straddles two rows);
-// otherwise VEC = 1. Block shape and row chunks come from the shape only,
-// never from VEC, so the order of every addition -- and so every result bit --
-// is the same on the vector and the scalar path.
+// otherwise VEC = 1. Block shape and row chunks come from the shape and the
+// element type only, never from the pointers, so the order of every addition --
+// and so every result bit -- is the same on the vector and the scalar path.
 #include "mlp_kernels.cuh"
 
 #include <algorithm>
@@ -24,7 +24,6 @@ namespace {
 
 constexpr int kThreads = 256;             // threads per block, every kernel
 constexpr int kAlignment = 16;            // bytes of one vector access
-constexpr int kNominalVec = 4;            // columns per thread assumed when shaping blocks
 constexpr int kMaxBlockX = 32;            // one warp across the columns at most
 constexpr int64_t kTargetBlocks = 2048;   // ~16 blocks of 256 threads per SM of an H100/H200 (132 SMs)
 constexpr int64_t kMinRowsPerThread = 4;  // fewer rows per thread: not worth another chunk
@@ -93,9 +92,12 @@ struct ColumnPlan {
   int64_t rows_per_chunk;  // every chunk but the last has exactly this many rows
 };
 
-// rows, width >= 1. Depends on the shape only (see the file comment).
+// rows, width >= 1. Depends on the shape and the element type only (see the file
+// comment): blocks are shaped for the vector path's 16 / sizeof(T) columns per
+// thread, so that no thread of a vectorized block is idle for want of columns.
+template <typename T>
 ColumnPlan plan_columns(int64_t rows, int64_t width) {
-  const int64_t nominal_groups = ceil_div(width, kNominalVec);
+  const int64_t nominal_groups = ceil_div(width, kAlignment / static_cast<int64_t>(sizeof(T)));
   int block_x = 1;
   while (block_x < kMaxBlockX && block_x < nominal_groups) {
     block_x *= 2;
@@ -203,21 +205,25 @@ __global__ void __launch_bounds__(kThreads) activation_backward_kernel(
 
   // Add the block_y row lanes of each of the block's block_x * VEC columns, in
   // lane order. Lane y's sum of column group x, element v, sits at
-  // shared[(y * VEC + v) * block_x + x], so that k = v * block_x + x walks the
-  // columns of one lane with consecutive addresses (no bank conflicts).
-  __shared__ Acc shared[kThreads * VEC];
+  // shared[v * (kThreads + block_x) + y * block_x + x]: the stores of one v are
+  // consecutive in the thread index, and the loads of one lane y are consecutive
+  // in k = v * block_x + x (kThreads is a multiple of the 32 banks), so neither
+  // has bank conflicts.
+  __shared__ Acc shared[VEC * (kThreads + kMaxBlockX)];
   const int block_x = blockDim.x, block_y = blockDim.y;
+  const int v_stride = kThreads + block_x;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    shared[(threadIdx.y * VEC + v) * block_x + threadIdx.x] = sum[v];
+    shared[v * v_stride + threadIdx.y * block_x + threadIdx.x] = sum[v];
   }
   __syncthreads();
   const int64_t tile_col = static_cast<int64_t>(blockIdx.x) * block_x * VEC;
   for (int k = threadIdx.y * block_x + threadIdx.x; k < block_x * VEC; k += kThreads) {
     const int v = k / block_x, x = k % block_x;
-    Acc total = shared[k];  // lane 0
+    const Acc* lanes = shared + v * v_stride + x;
+    Acc total = lanes[0];  // lane 0
     for (int y = 1; y < block_y; ++y) {
-      total += shared[y * VEC * block_x + k];
+      total += lanes[y * block_x];
     }
     const int64_t column = tile_col + static_cast<int64_t>(x) * VEC + v;
     if (column < width) {
@@ -358,7 +364,7 @@ cudaError_t bias_activation(
   constexpr int kVec = kAlignment / sizeof(T);
   const bool vectorized =
       width % kVec == 0 && is_aligned(z) && is_aligned(h) && (b1 == nullptr || is_aligned(b1));
-  const ColumnPlan plan = plan_columns(rows, width);
+  const ColumnPlan plan = plan_columns<T>(rows, width);
   dim3 grid;
   if (!column_grid(plan, width, vectorized ? kVec : 1, &grid)) {
     return cudaErrorInvalidConfiguration;
@@ -378,11 +384,12 @@ cudaError_t bias_activation(
   return cudaGetLastError();
 }
 
+template <typename T>
 int64_t activation_backward_scratch(int64_t rows, int64_t width) {
   if (rows <= 0 || width <= 0) {
     return 0;
   }
-  const ColumnPlan plan = plan_columns(rows, width);
+  const ColumnPlan plan = plan_columns<T>(rows, width);
   return plan.chunks > 1 ? plan.chunks * width : 0;
 }
 
@@ -405,7 +412,7 @@ cudaError_t activation_backward(
   }
   constexpr int kVec = kAlignment / sizeof(T);
   const bool vectorized = width % kVec == 0 && is_aligned(g) && is_aligned(z);
-  const ColumnPlan plan = plan_columns(rows, width);
+  const ColumnPlan plan = plan_columns<T>(rows, width);
   const bool two_pass = db1 != nullptr && plan.chunks > 1;
   if (two_pass && scratch == nullptr) {
     return cudaErrorInvalidValue;
@@ -472,6 +479,7 @@ cudaError_t penalty(
 #define MLP_EXT_INSTANTIATE(T)                                                               \
   template cudaError_t bias_activation<T>(                                                   \
       T*, T*, const T*, int64_t, int64_t, Activation, cudaStream_t);                         \
+  template int64_t activation_backward_scratch<T>(int64_t, int64_t);                          \
   template cudaError_t activation_backward<T>(                                               \
       T*, const T*, T*, acc_t<T>*, int64_t, int64_t, Activation, cudaStream_t);              \
   template cudaError_t penalty<T>(                                                           \

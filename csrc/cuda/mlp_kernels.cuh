@@ -43,6 +43,7 @@ cudaError_t bias_activation(
 
 // Elements of acc_t<T> that activation_backward needs as scratch for a db1
 // column sum of a rows x width matrix (0: none; pass nullptr then).
+template <typename T>
 int64_t activation_backward_scratch(int64_t rows, int64_t width);
 
 // g (rows x width) holds G_H on entry and G_Z = G_H * phi'(z) on exit. If db1 is

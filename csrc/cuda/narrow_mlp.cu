@@ -49,63 +49,7 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kMaxWidth = 128;
-constexpr int kMaxStrips = 8;                  // BM <= 128 rows per tile
-constexpr int kChunk = 64;                     // columns per work item
-// Floats per staging row: +8 shifts each row by 8 banks, so the 64-bit accumulator
-// stores of a half-warp (rows g..g+3, 8 words each) hit 32 distinct banks.
-constexpr int kStageLd = kChunk + 8;
-constexpr int kStageFloats = 16 * kStageLd;    // one warp's staging area
-
-static_assert(kThreads >= 2 * kMaxWidth, "one thread per bias column (h + q <= 256)");
-
-// ---------------------------------------------------------------------------
-// Shared-memory layout, computed on the host and passed to the kernels
-
-struct SmemLayout {
-  int strips = 0;         // 16-row strips per tile
-  int w1 = 0, w2 = 0;     // W1 (h x ld(d)), W2 (q x ld(h))
-  int b1 = 0, b2 = 0;     // forward: biases as float (zeros when absent)
-  int in[2] = {0, 0};     // double-buffered input tiles
-  int in_go = 0, in_h = 0, in_x = 0;  // backward: G_O, H, X within an input buffer
-  int mid = 0;            // forward: H tile; backward: G_Z tile (BM x ld(h))
-  int stage = 0;          // kWarps staging areas of kStageFloats floats
-  int bytes = 0;          // total dynamic shared memory
-};
-
-constexpr int round128(long long bytes) { return static_cast<int>((bytes + 127) / 128 * 128); }
-
-SmemLayout make_layout(bool backward, int d, int h, int q, int esize, int strips) {
-  const int pad = 16 / esize;
-  auto matrix = [&](int rows, int cols) { return round128(1LL * rows * (cols + pad) * esize); };
-  const int bm = 16 * strips;
-  SmemLayout L;
-  L.strips = strips;
-  int off = 0;
-  L.w1 = off, off += matrix(h, d);
-  L.w2 = off, off += matrix(q, h);
-  if (!backward) {
-    L.b1 = off, off += round128(4LL * h);
-    L.b2 = off, off += round128(4LL * q);
-  }
-  int in_bytes;
-  if (backward) {
-    L.in_go = 0;
-    L.in_h = matrix(bm, q);
-    L.in_x = L.in_h + matrix(bm, h);
-    in_bytes = L.in_x + matrix(bm, d);
-  } else {
-    in_bytes = matrix(bm, d);  // the X tile
-  }
-  L.in[0] = off, off += in_bytes;
-  L.in[1] = off, off += in_bytes;
-  L.mid = off, off += matrix(bm, h);
-  L.stage = off, off += round128(4LL * kWarps * kStageFloats);
-  L.bytes = off;
-  return L;
-}
+using namespace narrow;  // the constants and the shared-memory layout (narrow_path.h)
 
 template <typename T>
 struct ForwardParams {
@@ -244,13 +188,35 @@ __device__ __forceinline__ Vec<T> zero16() {
   return v;
 }
 
+__device__ __forceinline__ float4 ld_shared_float4(unsigned shared_address) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(shared_address)
+               : "memory");
+  return v;
+}
+
 // kVec<T> consecutive floats from shared memory (16-byte aligned) into f.
 template <typename T>
 __device__ __forceinline__ void load_floats(float (&f)[kVec<T>], const float* p) {
-#pragma unroll
-  for (int i = 0; i < kVec<T> / 4; ++i) {
-    const float4 v = reinterpret_cast<const float4*>(p)[i];
-    f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
+  if constexpr (kVec<T> == 8) {
+    // A lane reads 32 bytes as two 16-byte loads. The 8 lanes of a quarter-warp
+    // (one load phase) start 32 bytes apart, so their first halves alone span 256
+    // bytes: two per bank. Lanes whose 32 bytes lie in an odd 128-byte line read
+    // their second half first, so that each load of a quarter-warp covering 256
+    // contiguous bytes hits every bank once. (Spelled in PTX: the compiler would
+    // see that both orders load the same values and undo the swap.)
+    const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    const unsigned swap = (base >> 7) & 1;
+    const float4 a = ld_shared_float4(base + 16 * swap), b = ld_shared_float4(base + 16 * (swap ^ 1));
+    const float4 lo = swap ? b : a, hi = swap ? a : b;
+    f[0] = lo.x, f[1] = lo.y, f[2] = lo.z, f[3] = lo.w;
+    f[4] = hi.x, f[5] = hi.y, f[6] = hi.z, f[7] = hi.w;
+  } else {
+    static_assert(kVec<T> == 4, "16-byte vectors of float or of a half type");
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
   }
 }
 
@@ -837,8 +803,6 @@ __global__ void __launch_bounds__(256) narrow_reduce_kernel(const __grid_constan
 // ---------------------------------------------------------------------------
 // Host side
 
-int element_size(NarrowDType dtype) { return dtype == NarrowDType::Float32 ? 4 : 2; }
-
 // Testing and tuning knob: MLP_EXT_NARROW_MAX_BLOCKS=k caps the grid at k blocks, so
 // that small problems exercise the persistent loop (several tiles per block).
 int64_t max_blocks() {
@@ -878,19 +842,6 @@ DeviceInfo current_device_info() {
   cache.emplace_back(device, info);
   return info;
 }
-
-// The most 16-row strips per tile (<= kMaxStrips) whose layout fits; 0 if none does.
-int choose_strips(bool backward, int64_t d, int64_t h, int64_t q, NarrowDType dtype,
-                  int smem_optin) {
-  for (int strips = kMaxStrips; strips >= 1; --strips) {
-    const SmemLayout L = make_layout(backward, static_cast<int>(d), static_cast<int>(h),
-                                     static_cast<int>(q), element_size(dtype), strips);
-    if (L.bytes <= smem_optin) return strips;
-  }
-  return 0;
-}
-
-bool width_covered(int64_t w) { return w >= 16 && w <= kMaxWidth && w % 16 == 0; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -1047,22 +998,16 @@ cudaError_t launch_backward(
 }  // namespace
 
 bool narrow_mlp_supported(int64_t d, int64_t h, int64_t q, NarrowDType dtype, bool allow_tf32) {
-  if (!width_covered(d) || !width_covered(h) || !width_covered(q)) return false;
-  if (dtype == NarrowDType::Float32 && !allow_tf32) return false;
   const DeviceInfo info = current_device_info();
-  if (info.major < 8) return false;  // bf16 / TF32 wmma and cp.async need sm_80
-  return choose_strips(false, d, h, q, dtype, info.smem_optin) > 0 &&
-         choose_strips(true, d, h, q, dtype, info.smem_optin) > 0;
+  NarrowProblem p;
+  p.d = d, p.h = h, p.q = q, p.dtype = dtype, p.allow_tf32 = allow_tf32;
+  p.compute_capability = info.major, p.smem_per_block = info.smem_optin;
+  return choose_narrow_path(NarrowMode::On, p).fused;
 }
 
-bool narrow_mlp_preferred(int64_t n, int64_t d, int64_t h, int64_t q, NarrowDType dtype) {
-  // Provisional (not yet measured): half precision is memory- and launch-bound at
-  // these widths, so the fused path should win at every batch size; float32 goes
-  // through TF32 with half the rows per tile, a win expected only up to width 64.
-  (void)n;
-  if (dtype == NarrowDType::Float32) return std::max({d, h, q}) <= 64;
-  return true;
-}
+int narrow_mlp_device_smem_per_block() { return current_device_info().smem_optin; }
+
+int narrow_mlp_device_compute_capability() { return current_device_info().major; }
 
 bool narrow_mlp_can_run(const NarrowForwardArgs& a) {
   if (a.n < 0 || !narrow_mlp_supported(a.d, a.h, a.q, a.dtype, a.allow_tf32)) return false;

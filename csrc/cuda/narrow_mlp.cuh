@@ -8,17 +8,19 @@
 // products run on tensor cores (wmma): float16 and bfloat16 with float32
 // accumulation, float32 as TF32 only when the caller says TF32 is allowed.
 //
-// This header is torch-free (plain C++ plus the CUDA runtime API) so that the
-// torch-facing registration file (mlp_cuda.cpp) can include it from host code.
-// Everything here works on the current CUDA device; every pointer is a device
-// pointer to a contiguous row-major array of the element type named by `dtype`.
+// The CUDA op (mlp_cuda.cpp) calls these kernels where choose_narrow_path
+// (narrow_path.h) says so, which depends on MLP_EXT_NARROW (off by default).
+//
+// This header is torch-free (plain C++ plus the CUDA runtime API). Everything here
+// works on the current CUDA device; every pointer is a device pointer to a
+// contiguous row-major array of the element type named by `dtype`.
 //
 // Coverage (narrow_mlp_supported): d, h, q each a multiple of 16 in [16, 128]
 // (every combination of those), dtype float16 or bfloat16, or float32 with
 // allow_tf32, on a device of compute capability >= 8.0 with enough opt-in shared
-// memory (any H100/H200/A100 covers all of it). Everything else (float64, other
-// widths, float32 without TF32) is for the caller's GEMM path. Any batch size n >= 0
-// works: the last tile is masked, no padding is asked of the caller.
+// memory (an H100/H200 covers all of it; an A100 all of it in float16 / bfloat16,
+// and float32 up to width 96). Any batch size n >= 0 works: the
+// last tile is masked, no padding is asked of the caller.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -27,21 +29,20 @@
 #include <cstdint>
 
 #include "../activation.h"
+#include "narrow_path.h"
 
 namespace mlp_ext {
-
-// The element type of every tensor argument (the dtype of x).
-enum class NarrowDType : int { Float16, BFloat16, Float32 };
 
 // Whether the fused kernels cover these widths and this dtype on the current device.
 // Cheap (a few cached device-attribute reads, no synchronization). float32 is
 // covered only as TF32 (allow_tf32 = torch's matmul precision allows TF32).
 bool narrow_mlp_supported(int64_t d, int64_t h, int64_t q, NarrowDType dtype, bool allow_tf32);
 
-// Whether the fused path is expected to be faster than the GEMM path for this
-// problem (the dispatcher's "auto" mode). Call only for supported shapes. The
-// thresholds are provisional until measured on a GPU (benchmarks/narrow.py).
-bool narrow_mlp_preferred(int64_t n, int64_t d, int64_t h, int64_t q, NarrowDType dtype);
+// The current device's opt-in dynamic shared memory per block (bytes) and the
+// major version of its compute capability (0 when there is no device): what
+// choose_narrow_path needs to know of it. Read once per device.
+int narrow_mlp_device_smem_per_block();
+int narrow_mlp_device_compute_capability();
 
 struct NarrowForwardArgs {
   int64_t n = 0, d = 0, h = 0, q = 0;  // rows; in, hidden, out features

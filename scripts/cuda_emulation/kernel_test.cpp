@@ -135,7 +135,7 @@ void check_shape(int64_t rows, int64_t width, const char* type_name, const char*
       std::copy(g0.begin(), g0.end(), g.data);
       std::copy(z_ref.begin(), z_ref.end(), z.data);
       std::fill(db1.data, db1.data + width, from_acc<T>(gpu::acc_t<T>(12345)));  // not 0
-      const int64_t scratch_size = with_db1 ? gpu::activation_backward_scratch(rows, width) : 0;
+      const int64_t scratch_size = with_db1 ? gpu::activation_backward_scratch<T>(rows, width) : 0;
       Buffer<gpu::acc_t<T>> scratch(scratch_size, 0);
       expect(gpu::activation_backward<T>(g.data, z.data, with_db1 ? db1.data : nullptr,
                                          scratch_size ? scratch.data : nullptr, rows, width, act,
