@@ -11,7 +11,8 @@ their bytes when --sizes are given; the list comes from
 autograd really saves). The backward graph is the chain rule of the section as
 ``fused_mlp_backward`` evaluates it, reading the saved values.
 
-Needs the ``graphviz`` Python package and Graphviz's ``dot`` program.
+Needs the ``graphviz`` Python package and Graphviz's ``dot`` program (``import
+mlp_ext`` itself needs neither: only this module imports graphviz).
 """
 import argparse
 import dataclasses
@@ -19,8 +20,15 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-import graphviz
 import torch
+
+try:
+    import graphviz
+except ImportError as error:  # say which package, and that only the drawing needs it
+    raise ImportError(
+        "mlp_ext.graph draws with the `graphviz` Python package, which is not installed "
+        "(pip install graphviz; the drawing also needs Graphviz's `dot` program). The rest "
+        "of mlp_ext does not need it.", name="graphviz") from error
 
 from .functional import ACTIVATIONS
 from .loss import LOSSES

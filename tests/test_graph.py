@@ -1,4 +1,10 @@
-"""python -m mlp_ext.graph: the rendered forward and backward graphs say what they should."""
+"""python -m mlp_ext.graph: the rendered forward and backward graphs say what they should.
+
+Needs the graphviz Python package (the module is skipped without it) and, for the
+tests that render, Graphviz's `dot` program (skipped without it). CI installs
+both (scripts/env.sh), so there they run; a bare GPU machine has neither.
+"""
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -6,8 +12,14 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from mlp_ext.graph import GraphConfig, backward_graph, forward_graph, render
-from mlp_ext.memory import saved_for_backward
+pytest.importorskip("graphviz", reason="mlp_ext.graph needs the graphviz Python package")
+
+from mlp_ext.graph import GraphConfig, backward_graph, forward_graph, render  # noqa: E402
+from mlp_ext.memory import saved_for_backward  # noqa: E402
+
+# Rendering runs Graphviz's `dot`; building a graph's source does not.
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
+                               reason="Graphviz's `dot` program is not on PATH (apt-get install graphviz)")
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -29,6 +41,7 @@ def saved_nodes(texts):
     return {node for node, lines in texts.items() if any(line.startswith("saved") for line in lines)}
 
 
+@needs_dot
 @pytest.mark.parametrize("save_hidden", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_graph(tmp_path, bias, save_hidden):
@@ -57,6 +70,7 @@ def test_forward_graph(tmp_path, bias, save_hidden):
     assert not saved_nodes({k: texts[k] for k in ("o", "L", "s", "J")})
 
 
+@needs_dot
 def test_forward_graph_without_regularization_has_no_s_branch(tmp_path):
     forward, _ = render(GraphConfig(weight_decay=0.0), str(tmp_path), "svg")
     texts, _ = svg_nodes(forward)
@@ -64,6 +78,7 @@ def test_forward_graph_without_regularization_has_no_s_branch(tmp_path):
     assert texts["z"][1] == "n×h"  # symbolic shapes without sizes
 
 
+@needs_dot
 def test_fused_loss_graph_keeps_dloss_do_not_o(tmp_path):
     config = GraphConfig(fused_loss=True, sizes=(8, 4, 6, 3), dtype=torch.float64)
     forward, backward = render(config, str(tmp_path), "svg")
@@ -76,6 +91,7 @@ def test_fused_loss_graph_keeps_dloss_do_not_o(tmp_path):
     assert texts["s_dLdo"][0] == "∂L/∂o"
 
 
+@needs_dot
 @pytest.mark.parametrize("save_hidden", [True, False])
 def test_backward_graph(tmp_path, save_hidden):
     _, backward = render(GraphConfig(save_hidden=save_hidden), str(tmp_path), "svg")
@@ -102,6 +118,7 @@ def test_graph_sources_follow_the_configuration():
         GraphConfig(activation="softplus")
 
 
+@needs_dot
 def test_command_line_renders_svg_and_png(tmp_path):
     for fmt, magic in (("svg", b"<?xml"), ("png", b"\x89PNG")):
         result = subprocess.run(

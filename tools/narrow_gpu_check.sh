@@ -2,21 +2,29 @@
 # GPU verification of the fully fused narrow-MLP kernels, in one command, on a
 # machine with a CUDA GPU (sm_80+; built for sm_90 unless NARROW_ARCH says otherwise):
 #
-#   tools/narrow_gpu_check.sh [kernels] [sanitize] [tests] [bench]   (default: all four)
+#   tools/narrow_gpu_check.sh [build] [kernels] [sanitize] [tests] [bench]
+#                                               (default: kernels sanitize tests bench)
 #
+#   build     only build the self-test (build/narrow_selftest; needs nvcc, no GPU)
 #   kernels   build tools/narrow_selftest.cu with csrc/cuda/narrow_mlp.cu (no torch) and run
 #             it: every dtype, activation, bias on/off, tails, multi-tile blocks, against a
 #             float64 host reference; guard bytes; determinism; partial output masks
 #   sanitize  the self-test (--quick) under compute-sanitizer memcheck, racecheck,
-#             synccheck and initcheck; any report fails the step
+#             synccheck and initcheck; any report fails the step. racecheck looks only
+#             at the project's kernels (namespace mlp_ext), not at the test's scaffolding
 #   tests     pytest tests/test_narrow_cuda.py, then the whole suite with
 #             MLP_EXT_NARROW=on (needs mlp_ext built with CUDA, importable by $PY)
 #   bench     benchmarks/narrow.py $NARROW_BENCH_ARGS (JSON into benchmarks/results/)
 #
+# The toolkit: $CUDA_HOME, else $CUDA_PATH, else the one nvcc on PATH belongs to
+# (through symlinks and wrapper scripts), else /usr/local/cuda; compute-sanitizer:
+# $COMPUTE_SANITIZER, PATH, $CUDA_HOME/bin, $CUDA_HOME/compute-sanitizer.
+# scripts/gpu_run.sh uses the same lookup and calls the build, kernels and sanitize steps.
+#
 # Exits non-zero at the first failing step. Logs go to $NARROW_LOGS (default build/narrow).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PY:-python3}
+PY=${PY:-${PYTHON:-python3}}
 ARCH=${NARROW_ARCH:-sm_90}
 LOGS=${NARROW_LOGS:-build/narrow}
 mkdir -p "$LOGS"
@@ -24,16 +32,59 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(kernels sanitize tests bench)
 selftest=build/narrow_selftest
 
+# The toolkit's root: a directory with bin/nvcc and include/cuda_runtime.h.
+cuda_home() {
+  local nvcc candidate
+  nvcc=$(command -v nvcc || true)
+  for candidate in "${CUDA_HOME:-}" "${CUDA_PATH:-}" \
+      "${nvcc:+$(dirname "$(dirname "$(readlink -f "$nvcc")")")}" \
+      "${nvcc:+$("$nvcc" -dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)}" \
+      /usr/local/cuda; do
+    if [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
+      (cd "$candidate" && pwd -P)
+      return 0
+    fi
+  done
+  return 1
+}
+
+# compute-sanitizer lives in bin/ or in compute-sanitizer/ depending on the packaging.
+find_sanitizer() {
+  local candidate
+  for candidate in "${COMPUTE_SANITIZER:-}" "$(command -v compute-sanitizer || true)" \
+      "${CUDA_HOME:+$CUDA_HOME/bin/compute-sanitizer}" \
+      "${CUDA_HOME:+$CUDA_HOME/compute-sanitizer/compute-sanitizer}"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ]; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+need_toolkit() {
+  if [ -z "${CUDA_HOME:-}" ] || [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+    CUDA_HOME=$(cuda_home) || { echo "no CUDA toolkit found (set CUDA_HOME: the directory with bin/nvcc)" >&2; exit 1; }
+  fi
+  export CUDA_HOME
+}
+
 build_selftest() {
-  if [ ! -x "$selftest" ] || [ -n "$(find csrc/activation.h csrc/cuda/narrow_mlp.c* tools/narrow_selftest.cu -newer "$selftest" -print -quit)" ]; then
-    echo "== building $selftest ($ARCH)"
-    nvcc -std=c++17 -arch="$ARCH" -O3 -lineinfo -Icsrc -o "$selftest" \
+  need_toolkit
+  # Rebuilt when a source is newer than the binary (narrow_mlp.cu, .cuh, narrow_path.h).
+  if [ ! -x "$selftest" ] || [ -n "$(find csrc/activation.h csrc/cuda/narrow_* tools/narrow_selftest.cu -newer "$selftest" -print -quit)" ]; then
+    echo "== building $selftest ($ARCH, $CUDA_HOME/bin/nvcc)"
+    mkdir -p "$(dirname "$selftest")"
+    "$CUDA_HOME/bin/nvcc" -std=c++17 -arch="$ARCH" -O3 -lineinfo -Icsrc -o "$selftest" \
       tools/narrow_selftest.cu csrc/cuda/narrow_mlp.cu
   fi
 }
 
 for step in "${steps[@]}"; do
   case "$step" in
+    build)
+      build_selftest
+      ;;
     kernels)
       build_selftest
       echo "== self-test"
@@ -41,9 +92,13 @@ for step in "${steps[@]}"; do
       ;;
     sanitize)
       build_selftest
+      sanitizer=$(find_sanitizer) || { echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, \$CUDA_HOME/compute-sanitizer)" >&2; exit 1; }
       for tool in memcheck racecheck synccheck initcheck; do
-        echo "== compute-sanitizer --tool $tool"
-        compute-sanitizer --tool "$tool" --error-exitcode 1 "$selftest" --quick \
+        filter=()
+        # Only our kernels (all in namespace mlp_ext, so in their mangled names).
+        [ "$tool" = racecheck ] && filter=(--kernel-name kns=mlp_ext)
+        echo "== compute-sanitizer --tool $tool ${filter[*]}"
+        "$sanitizer" --tool "$tool" "${filter[@]}" --error-exitcode 1 --print-limit 20 "$selftest" --quick \
           > "$LOGS/sanitize-$tool.log" 2>&1 || { tail -n 40 "$LOGS/sanitize-$tool.log"; exit 1; }
         tail -n 2 "$LOGS/sanitize-$tool.log"
       done
@@ -60,7 +115,7 @@ for step in "${steps[@]}"; do
       "$PY" benchmarks/narrow.py ${NARROW_BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench.log"
       ;;
     *)
-      echo "unknown step '$step' (kernels, sanitize, tests, bench)" >&2
+      echo "unknown step '$step' (build, kernels, sanitize, tests, bench)" >&2
       exit 2
       ;;
   esac

@@ -45,10 +45,6 @@ namespace {
 const char* dtype_name(NarrowDType t) {
   return t == NarrowDType::Float16 ? "float16" : t == NarrowDType::BFloat16 ? "bfloat16" : "tf32";
 }
-const char* activation_name(Activation a) {
-  static const char* names[] = {"identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"};
-  return names[static_cast<int>(a)];
-}
 size_t element_size(NarrowDType t) { return t == NarrowDType::Float32 ? 4 : 2; }
 
 // Host values <-> device element bits.
@@ -439,7 +435,7 @@ int main(int argc, char** argv) {
         std::printf("%-4s %-8s n=%-6lld d=%-3lld h=%-3lld q=%-3lld %-9s bias=%d wd=%.1f gs=%d "
                     "blocks<=%d  %s\n",
                     r.ok ? "ok" : "FAIL", dtype_name(t), (long long)s.n, (long long)s.d,
-                    (long long)s.h, (long long)s.q, activation_name(P.act), bias, P.weight_decay,
+                    (long long)s.h, (long long)s.q, mlp_ext::activation_name(P.act).data(), bias, P.weight_decay,
                     P.with_grad_s, s.max_blocks, r.why.c_str());
       }
     }
