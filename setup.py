@@ -33,7 +33,9 @@ def build_cuda() -> bool:
 
 def extension():
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # csrc/: the device-independent operator; csrc/cpu/: the CPU kernels (always);
+    # csrc/cuda/: the CUDA kernels (CUDA builds).
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fopenmp turns on at::parallel_for in our kernels; the library resolves to
     # the libgomp that torch has already loaded.
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]

@@ -1,13 +1,19 @@
-// The activations phi of the fused MLP and their derivatives phi'.
+// The activations phi of the fused MLP: each one's enum value, name and math
+// (phi and its derivative phi').
 //
-// This header is the one place that holds the activation math. It includes no
-// torch header, so the CPU kernels (with at::vec::Vectorized) and the raw CUDA
-// kernels share it: every formula is written once over a value type V whose
-// primitives (exp, tanh, erf, relu, step) come from Math<V>.
+// This header is the one place that holds them. It includes no torch header, so
+// the CPU kernels (with at::vec::Vectorized) and the raw CUDA kernels share it:
+// every formula is written once over a value type V whose primitives (exp, tanh,
+// erf, relu, step) come from Math<V>. The Python side takes the names from here
+// (torch.ops.mlp_ext._activation_names).
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
+#include <optional>
+#include <string_view>
 
 #if defined(__CUDACC__)
 #define MLP_HOST_DEVICE __host__ __device__ __forceinline__
@@ -28,8 +34,41 @@ enum class Activation : int64_t {
   Silu,
 };
 
+// The name the op schemas take (the one torch gives the function, where it has one).
+constexpr std::string_view activation_name(Activation a) {
+  switch (a) {
+    case Activation::Identity: return "identity";
+    case Activation::Relu: return "relu";
+    case Activation::Sigmoid: return "sigmoid";
+    case Activation::Tanh: return "tanh";
+    case Activation::Gelu: return "gelu";
+    case Activation::GeluTanh: return "gelu_tanh";
+    case Activation::Silu: return "silu";
+  }
+  return {};
+}
+
+// Every activation, in the enum's order.
+inline constexpr Activation kActivations[] = {
+    Activation::Identity, Activation::Relu, Activation::Sigmoid, Activation::Tanh,
+    Activation::Gelu,     Activation::GeluTanh, Activation::Silu};
+// The value after the last one listed has no name: kActivations covers the enum.
+static_assert(
+    activation_name(static_cast<Activation>(std::size(kActivations))).empty(),
+    "kActivations must list every Activation");
+
+// The activation of a schema name; nullopt for an unknown name.
+constexpr std::optional<Activation> find_activation(std::string_view name) {
+  for (const Activation a : kActivations) {
+    if (activation_name(a) == name) {
+      return a;
+    }
+  }
+  return std::nullopt;
+}
+
 // Primitives for a scalar V (float or double; CUDA half types compute in float).
-// mlp_cpu.cpp specialises Math for at::vec::Vectorized<T>.
+// cpu/kernels_impl.h specialises Math for at::vec::Vectorized<T>.
 template <typename V>
 struct Math {
   MLP_HOST_DEVICE static V constant(double c) { return static_cast<V>(c); }

@@ -9,13 +9,15 @@
 // G_O = g_J dL/do (+ the gradient of o if o was used too) and runs
 // fused_mlp_backward with g_s = g_J. Both ops are CompositeExplicitAutograd
 // compositions of the dispatcher's fused_mlp_forward / fused_mlp_backward and
-// ATen, so they run on every device that has those two kernels.
-#include <torch/autograd.h>
+// ATen, so they run on every device that has those two kernels. (The autograd
+// node that calls them is in autograd.cpp.)
+#include "loss.h"
+
 #include <torch/library.h>
 
 #include <string>
 
-#include "mlp.h"
+#include "ops.h"
 
 namespace mlp_ext {
 
@@ -92,8 +94,6 @@ void check_class_indices(const Tensor& indices, int64_t classes) {
       lo >= 0 && hi < classes, "fused_mlp_loss: expected class indices in [0, ", classes,
       ") (out_features), but target holds values in [", lo, ", ", hi, "]");
 }
-
-using LossForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // J, o, dL/do, z, h
 
 // J = L + s, o, and (with keep_gradient) dL/do; without it dL/do is an empty tensor.
 LossForwardResult fused_mlp_loss_forward(
@@ -188,234 +188,25 @@ BackwardResult fused_mlp_loss_backward(
       g_o, grad_J, x, w1, w2, z, h, activation, weight_decay, output_mask);
 }
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// Saved for backward: dL/do, x, w1, w2, b1 (if given), z and h (h only with
-// save_hidden); target and b2 too, read only for second derivatives. o is not
-// saved: dL/do replaces it.
-class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFunction> {
- public:
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& x,
-      const Tensor& target,
-      const Tensor& w1,
-      const Tensor& w2,
-      const std::optional<Tensor>& b1,
-      const std::optional<Tensor>& b2,
-      c10::string_view activation,
-      double weight_decay,
-      c10::string_view loss,
-      c10::string_view reduction,
-      bool save_hidden) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mlp_ext::fused_mlp_loss_forward", "")
-                         .typed<LossForwardResult(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const std::optional<Tensor>&, const std::optional<Tensor>&,
-                             c10::string_view, double, c10::string_view, c10::string_view,
-                             bool)>();
-    auto [objective, o, dloss_do, z, h] = op.call(
-        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
-        /*keep_gradient=*/true);
-    ctx->save_for_backward(
-        {dloss_do, x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor(), target,
-         b2.value_or(Tensor())});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["weight_decay"] = weight_decay;
-    ctx->saved_data["loss"] = std::string(loss);
-    ctx->saved_data["reduction"] = std::string(reduction);
-    ctx->set_materialize_grads(false);
-    return {objective, o};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &dloss_do = saved[0], &x = saved[1], &w1 = saved[2], &w2 = saved[3];
-    const Tensor &b1 = saved[4], &z = saved[5], &h = saved[6], &target = saved[7];
-    const Tensor& b2 = saved[8];
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
-    const Tensor &grad_J = grads[0], &grad_o = grads[1];
-    // needs_input_grad counts only the tensors given: x, target, w1, w2, then b1, b2 if present.
-    const size_t b2_edge = b1.defined() ? 5 : 4;
-    const std::array<bool, 5> mask = {
-        ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3),
-        b1.defined() && ctx->needs_input_grad(4), b2.defined() && ctx->needs_input_grad(b2_edge)};
-    variable_list result(11);  // one per forward argument
-    if ((!grad_J.defined() && !grad_o.defined()) ||
-        !(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) {
-      return result;
-    }
-    Tensor dx, dw1, dw2, db1, db2;
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: the same objective from differentiable ops (fused_mlp has
-      // exact double backward, torch's losses have theirs), differentiated.
-      std::tie(dx, dw1, dw2, db1, db2) = differentiable_backward(
-          ctx, x, target, w1, w2, b1, b2, activation, weight_decay, grad_J, grad_o, mask);
-    } else {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mlp_ext::fused_mlp_loss_backward", "")
-                           .typed<BackwardResult(
-                               const std::optional<Tensor>&, const std::optional<Tensor>&,
-                               const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                               const Tensor&, const std::optional<Tensor>&, c10::string_view,
-                               double, std::array<bool, 5>)>();
-      auto optional = [](const Tensor& t) {
-        return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-      };
-      std::tie(dx, dw1, dw2, db1, db2) = op.call(
-          optional(grad_J), optional(grad_o), dloss_do, x, w1, w2, z, optional(h), activation,
-          weight_decay, mask);
-    }
-    result[0] = dx;
-    result[2] = dw1;
-    result[3] = dw2;
-    result[4] = db1;
-    result[5] = db2;
-    return result;
-  }
-
- private:
-  static BackwardResult differentiable_backward(
-      AutogradContext* ctx,
-      const Tensor& x,
-      const Tensor& target,
-      const Tensor& w1,
-      const Tensor& w2,
-      const Tensor& b1,
-      const Tensor& b2,
-      const std::string& activation,
-      double weight_decay,
-      const Tensor& grad_J,
-      const Tensor& grad_o,
-      const std::array<bool, 5>& mask) {
-    static auto fused_mlp = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("mlp_ext::fused_mlp", "")
-                                .typed<std::tuple<Tensor, Tensor>(
-                                    const Tensor&, const Tensor&, const Tensor&,
-                                    const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                    c10::string_view, double, bool)>();
-    auto optional = [](const Tensor& t) {
-      return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-    };
-    const auto [o, s] =
-        fused_mlp.call(x, w1, w2, optional(b1), optional(b2), activation, weight_decay, true);
-    const Loss loss = parse_loss(ctx->saved_data["loss"].toStringRef());
-    const auto reduction = parse_reduction(ctx->saved_data["reduction"].toStringRef()) ==
-            Reduction::Mean
-        ? at::Reduction::Mean
-        : at::Reduction::Sum;
-    const int64_t classes = w2.size(0);
-    Tensor loss_value;
-    if (loss == Loss::CrossEntropy) {
-      const bool indices = !at::isFloatingType(target.scalar_type());
-      loss_value = at::cross_entropy_loss(
-          o.reshape({-1, classes}), indices ? target.reshape({-1}) : target.reshape({-1, classes}),
-          {}, reduction);
-    } else {
-      loss_value = at::mse_loss(o, target, reduction);
-    }
-    std::vector<Tensor> outputs, output_grads;
-    if (grad_J.defined()) {
-      outputs.push_back(loss_value + s);
-      output_grads.push_back(grad_J);
-    }
-    if (grad_o.defined()) {
-      outputs.push_back(o);
-      output_grads.push_back(grad_o);
-    }
-    std::vector<Tensor> inputs;
-    const Tensor* candidates[] = {&x, &w1, &w2, &b1, &b2};
-    for (size_t i = 0; i < 5; ++i) {
-      if (mask[i]) {
-        inputs.push_back(*candidates[i]);
-      }
-    }
-    const auto grads = torch::autograd::grad(
-        outputs, inputs, output_grads, /*retain_graph=*/true, /*create_graph=*/true,
-        /*allow_unused=*/true);
-    Tensor result[5];
-    for (size_t i = 0, k = 0; i < 5; ++i) {
-      if (mask[i]) {
-        result[i] = grads[k++];
-      }
-    }
-    return {result[0], result[1], result[2], result[3], result[4]};
-  }
-};
-
-std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
-    const Tensor& x,
-    const Tensor& target,
-    const Tensor& w1,
-    const Tensor& w2,
-    const std::optional<Tensor>& b1,
-    const std::optional<Tensor>& b2,
-    c10::string_view activation,
-    double weight_decay,
-    c10::string_view loss,
-    c10::string_view reduction,
-    bool save_hidden) {
-  // Checked before dispatch too: a target on another device would otherwise pick the kernel.
-  TORCH_CHECK(
-      target.device() == x.device(), "fused_mlp_loss: expected target on the device of x (",
-      x.device(), "), but got target on ", target.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !(target.requires_grad() && at::GradMode::is_enabled()),
-      "fused_mlp_loss: gradients with respect to target are not supported (target requires "
-      "grad); detach it, or use fused_mlp with torch's loss");
-  const auto requires_grad = [](const std::optional<Tensor>& t) {
-    return t && t->requires_grad();
-  };
-  if (!at::GradMode::is_enabled() ||
-      !(x.requires_grad() || w1.requires_grad() || w2.requires_grad() || requires_grad(b1) ||
-        requires_grad(b2))) {
-    // No gradient to come (evaluation): the forward op alone, without forming dL/do.
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mlp_ext::fused_mlp_loss_forward", "")
-                         .typed<LossForwardResult(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const std::optional<Tensor>&, const std::optional<Tensor>&,
-                             c10::string_view, double, c10::string_view, c10::string_view,
-                             bool)>();
-    auto result = op.call(
-        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
-        /*keep_gradient=*/false);
-    return {std::get<0>(result), std::get<1>(result)};
-  }
-  auto outputs = FusedMLPLossFunction::apply(
-      x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction, save_hidden);
-  return {outputs[0], outputs[1]};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mlp_ext, m) {
-  m.def(
-      "fused_mlp_loss(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1=None, "
-      "Tensor? b2=None, *, str activation=\"relu\", float weight_decay=0.0, "
-      "str loss=\"cross_entropy\", str reduction=\"mean\", bool save_hidden=True) -> "
-      "(Tensor J, Tensor o)");
-  m.def(
-      "fused_mlp_loss_forward(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1, "
-      "Tensor? b2, str activation, float weight_decay, str loss, str reduction, "
-      "bool keep_gradient) -> "
-      "(Tensor J, Tensor o, Tensor dloss_do, Tensor z, Tensor h)");
-  m.def(
-      "fused_mlp_loss_backward(Tensor? grad_J, Tensor? grad_o, Tensor dloss_do, Tensor x, "
-      "Tensor w1, Tensor w2, Tensor z, Tensor? h, str activation, float weight_decay, "
-      "bool[5] output_mask) -> (Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
-  m.impl(
-      "fused_mlp_loss", c10::DispatchKey::CompositeImplicitAutograd,
-      TORCH_FN(fused_mlp_loss_autograd));
-  m.impl(
-      "fused_mlp_loss_forward", c10::DispatchKey::CompositeExplicitAutograd,
-      TORCH_FN(fused_mlp_loss_forward));
-  m.impl(
-      "fused_mlp_loss_backward", c10::DispatchKey::CompositeExplicitAutograd,
-      TORCH_FN(fused_mlp_loss_backward));
+Tensor differentiable_loss(
+    const Tensor& o, const Tensor& target, std::string_view loss, std::string_view reduction) {
+  const auto at_reduction =
+      parse_reduction(reduction) == Reduction::Mean ? at::Reduction::Mean : at::Reduction::Sum;
+  if (parse_loss(loss) == Loss::CrossEntropy) {
+    const int64_t classes = o.size(-1);
+    const bool indices = !at::isFloatingType(target.scalar_type());
+    return at::cross_entropy_loss(
+        o.reshape({-1, classes}), indices ? target.reshape({-1}) : target.reshape({-1, classes}),
+        {}, at_reduction);
+  }
+  return at::mse_loss(o, target, at_reduction);
+}
+
+TORCH_LIBRARY_IMPL(mlp_ext, CompositeExplicitAutograd, m) {
+  m.impl("fused_mlp_loss_forward", TORCH_FN(fused_mlp_loss_forward));
+  m.impl("fused_mlp_loss_backward", TORCH_FN(fused_mlp_loss_backward));
 }
 
 }  // namespace mlp_ext

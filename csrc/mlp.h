@@ -1,14 +1,14 @@
-// The fused MLP operator: what the device-independent part (mlp.cpp) and the
-// device kernels (mlp_cpu.cpp, cuda/) share.
+// The fused MLP operator's device-independent part (mlp.cpp): argument checks,
+// and the forward, inference and backward as matrix products and elementwise
+// passes over a device's kernel table.
 //
-// A device supplies the two fused elementwise passes and the regularization
-// term through DeviceKernels (and, optionally, its own matrix products and
-// column sums; ATen's otherwise), and registers its ops with
-// fused_mlp_forward / fused_mlp_backward.
+// A device supplies the two elementwise passes and the regularization term
+// through DeviceKernels (and, optionally, its own matrix products, column sums
+// and fully fused kernels), and registers them with register_device_kernels
+// (device_registration.h).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
 #include <optional>
@@ -21,7 +21,11 @@ namespace mlp_ext {
 
 using at::Tensor;
 
-// Parses the schema's activation name; ValueError listing the valid names.
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h
+using InferenceResult = std::tuple<Tensor, Tensor>;  // o, s
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // dx, dw1, dw2, db1, db2
+
+// The activation of a schema name; ValueError listing the valid names.
 Activation parse_activation(std::string_view name);
 
 // TORCH_CHECKs every argument of fused_mlp; messages name the argument and
@@ -70,11 +74,19 @@ struct DeviceKernels {
   // Whether bias_activation accepts h == z (the inference op then allocates
   // one n x h buffer instead of two).
   bool activation_in_place = false;
+  // Optional: the whole forward / backward in kernels of the device's own, for
+  // the problems it takes that way; nullopt hands the call to the products and
+  // passes above. Called after the argument checks. Without keep_z (inference)
+  // the forward returns undefined z and h.
+  std::optional<ForwardResult> (*fully_fused_forward)(
+      const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
+      const std::optional<Tensor>& b2, Activation act, double weight_decay,
+      bool keep_z) = nullptr;
+  std::optional<BackwardResult> (*fully_fused_backward)(
+      const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x,
+      const Tensor& w1, const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
+      Activation act, double weight_decay, std::array<bool, 5> output_mask) = nullptr;
 };
-
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h
-using InferenceResult = std::tuple<Tensor, Tensor>;  // o, s
-using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // dx, dw1, dw2, db1, db2
 
 // keep_z = false (the inference op): z need not survive, so on a device whose
 // bias_activation works in place h is written over z and returned as z too.
@@ -112,20 +124,5 @@ BackwardResult fused_mlp_backward(
     std::string_view activation,
     double weight_decay,
     std::array<bool, 5> output_mask);
-
-// The dispatcher's typed handles of the ops above, looked up once; the
-// composite ops (fused_mlp, fused_mlp_loss) call the device kernels through them.
-using ForwardSignature = ForwardResult(
-    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::string_view, double);
-using InferenceSignature = InferenceResult(
-    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::string_view, double);
-using BackwardSignature = BackwardResult(
-    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const std::optional<Tensor>&, c10::string_view, double, std::array<bool, 5>);
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op();
-const c10::TypedOperatorHandle<InferenceSignature>& inference_op();
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op();
 
 }  // namespace mlp_ext

@@ -4,7 +4,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+# The names the operator takes, from its one list (csrc/activation.h).
+ACTIVATIONS = tuple(torch.ops.mlp_ext._activation_names())
 
 _fused_mlp = torch.ops.mlp_ext.fused_mlp.default
 

@@ -2,8 +2,8 @@
 
 The forward op forms the gradient dL/do of the loss along with L (for
 cross-entropy softmax(o) - onehot(y)) and keeps it for backward in place of o;
-the backward op starts from it. The C++ side is csrc/mlp_loss.cpp; the fake
-kernels below let torch.compile and FakeTensor trace the two ops.
+the backward op starts from it. The C++ side is csrc/loss.cpp (the two ops) and
+csrc/autograd.cpp (the autograd node); the fake kernels are in _meta.py.
 """
 from typing import Optional, Tuple, Union
 
@@ -55,40 +55,3 @@ def fused_mlp_loss(
         x, target, w1, w2, b1, b2, activation=activation, weight_decay=weight_decay,
         loss=loss, reduction=reduction, save_hidden=save_hidden)
     return (objective, o) if return_output else objective
-
-
-@torch.library.register_fake("mlp_ext::fused_mlp_loss_forward")
-def _fused_mlp_loss_forward_fake(x, target, w1, w2, b1, b2, activation, weight_decay, loss,
-                                 reduction, keep_gradient):
-    torch._check(x.dim() >= 1, lambda: "fused_mlp_loss: expected x with at least 1 dimension")
-    torch._check(w1.dim() == 2 and w2.dim() == 2, lambda: "fused_mlp_loss: w1 and w2 must be 2-D")
-    torch._check(x.shape[-1] == w1.shape[1], lambda: "fused_mlp_loss: x.shape[-1] != w1.shape[1]")
-    torch._check(w2.shape[1] == w1.shape[0], lambda: "fused_mlp_loss: w2.shape[1] != w1.shape[0]")
-    torch._check(target.device == x.device,
-                 lambda: f"fused_mlp_loss: expected target on the device of x ({x.device}), "
-                         f"but got target on {target.device}")
-    o_shape = (*x.shape[:-1], w2.shape[0])
-    expected = x.shape[:-1] if not target.dtype.is_floating_point else o_shape
-    torch._check(tuple(target.shape) == tuple(expected),
-                 lambda: f"fused_mlp_loss: expected target of shape {tuple(expected)}, "
-                         f"got {tuple(target.shape)}")
-    n = 1
-    for size in x.shape[:-1]:
-        n *= size
-    hidden = (n, w1.shape[0])
-    dloss_do = x.new_empty((n, w2.shape[0]) if keep_gradient else (0,))
-    return (x.new_empty(()), x.new_empty(o_shape), dloss_do,
-            x.new_empty(hidden), x.new_empty(hidden))
-
-
-@torch.library.register_fake("mlp_ext::fused_mlp_loss_backward")
-def _fused_mlp_loss_backward_fake(grad_J, grad_o, dloss_do, x, w1, w2, z, h, activation,
-                                  weight_decay, output_mask):
-    need_dx, need_dw1, need_dw2, need_db1, need_db2 = output_mask
-    return (
-        x.new_empty(x.shape) if need_dx else None,
-        w1.new_empty(w1.shape) if need_dw1 else None,
-        w2.new_empty(w2.shape) if need_dw2 else None,
-        w1.new_empty((w1.shape[0],)) if need_db1 else None,
-        w2.new_empty((w2.shape[0],)) if need_db2 else None,
-    )

@@ -1,8 +1,7 @@
 """FusedMLP: a drop-in for nn.Sequential(nn.Linear, activation, nn.Linear)."""
 import copy
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from .functional import ACTIVATIONS, fused_mlp
@@ -31,11 +30,11 @@ def _attribute(module: nn.Module, name: str):
 
 
 def _activation_name(module: nn.Module) -> str:
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else "gelu_tanh"
-    for name, cls in (("identity", nn.Identity), ("relu", nn.ReLU), ("sigmoid", nn.Sigmoid),
-                      ("tanh", nn.Tanh), ("silu", nn.SiLU)):
-        if type(module) is cls:
+    """The name of an activation module of a Sequential, as _MODULES builds it."""
+    for name, make in _MODULES.items():
+        reference = make()
+        if type(module) is type(reference) and (
+                getattr(module, "approximate", None) == getattr(reference, "approximate", None)):
             return name
     raise ValueError(
         f"FusedMLP.from_sequential: unsupported activation module {module!r}; expected one of "

@@ -21,11 +21,10 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "mlp_ext: installing the CPU build of torch 2.13.0 into $VENV" >&2
-  # A local wheel or mirror first; then PyTorch's CPU index (PyPI's Linux
-  # torch is the multi-GB CUDA build).
+  # A local wheel or mirror first; then PyTorch's CPU index beside the default
+  # one (PyPI's Linux torch is the multi-GB CUDA build).
   pip_install "$TORCH_CPU" 2>/dev/null ||
-    pip_install "$TORCH_CPU" --index-url https://download.pytorch.org/whl/cpu \
-      --extra-index-url https://pypi.org/simple
+    pip_install "$TORCH_CPU" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 
 # Tools; none of them depends on torch, so none can replace the one above.

@@ -1,5 +1,5 @@
 // Matrix products with a short side, written over at::vec::Vectorized (see
-// mlp_cpu_kernels_impl.h for how it is compiled once per instruction set).
+// kernels_impl.h for how it is compiled once per instruction set).
 //
 // The fused MLP's products at small and mid batch sizes have one short side: 32
 // rows (Z = X W1^T), or an inner dimension of 32 (dW1 = G_Z^T X). There the

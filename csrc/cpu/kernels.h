@@ -1,10 +1,11 @@
-// The CPU elementwise kernels of the fused MLP, compiled once per instruction
-// set (mlp_cpu_kernels*.cpp) and picked at run time by mlp_cpu.cpp.
+// The CPU kernels of the fused MLP (elementwise passes, column sums, the
+// short-side matrix products), compiled once per instruction set
+// (kernels_*.cpp) and picked at run time by isa_kernels().
 //
 // at::vec::Vectorized is only as wide as the CPU_CAPABILITY it is compiled
 // for: without one it is a plain array, and exp / erf / tanh run one scalar at
 // a time. ATen builds its own kernels once per capability; so do we, with
-// `#pragma GCC target` in the files that include mlp_cpu_kernels_impl.h.
+// `#pragma GCC target` in the files that include kernels_impl.h.
 //
 // This header is included by those files *before* the pragma: every header
 // it includes keeps the default target, so the inline functions of torch that
@@ -39,7 +40,7 @@ namespace mlp_ext {
 enum class Activation : int64_t;  // activation.h
 
 // Kernels on raw row-major float or double data (dtype says which).
-struct CpuKernelTable {
+struct IsaKernels {
   // z (rows x width) += b1 (if not null); h = phi(z).
   void (*bias_activation)(
       c10::ScalarType dtype, Activation act, void* z, void* h, const void* b1, int64_t rows,
@@ -58,7 +59,7 @@ struct CpuKernelTable {
   // row-major with rows ld_a / ld_b apart, op(a) = a^T where trans_a (m x k
   // either way), likewise b, not both transposed; the addend (if not null) has
   // rows ld_addend apart (0: one row for all). Split over the threads where
-  // parallel. For products with a short side (mlp_cpu_gemm_impl.h); null where
+  // parallel. For products with a short side (gemm_impl.h); null where
   // the instruction set has no wide vectors.
   void (*short_gemm)(
       c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
@@ -66,9 +67,12 @@ struct CpuKernelTable {
       const void* addend, int64_t ld_addend, double beta, bool parallel);
 };
 
+// The variant for the widest instruction set this CPU has (kernels_default.cpp).
+const IsaKernels& isa_kernels();
+
 // Null where the compiler or the architecture cannot build that variant.
-const CpuKernelTable* cpu_kernels_default();
-const CpuKernelTable* cpu_kernels_avx2();
-const CpuKernelTable* cpu_kernels_avx512();
+const IsaKernels* isa_kernels_default();
+const IsaKernels* isa_kernels_avx2();
+const IsaKernels* isa_kernels_avx512();
 
 }  // namespace mlp_ext

@@ -1,6 +1,6 @@
 // The CPU kernels for x86 CPUs with AVX-512 (F, BW, VL, DQ) (picked at run time, as ATen picks
-// its own AVX512 kernels). See mlp_cpu_kernels.h.
-#include "mlp_cpu_kernels.h"
+// its own AVX512 kernels). See kernels.h.
+#include "kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC push_options
@@ -31,15 +31,15 @@
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
-#include "mlp_cpu_kernels_impl.h"
+#include "kernels_impl.h"
 
 namespace mlp_ext {
-const CpuKernelTable* cpu_kernels_avx512() { return &AVX512::kTable; }
+const IsaKernels* isa_kernels_avx512() { return &AVX512::kTable; }
 }  // namespace mlp_ext
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 #else
 namespace mlp_ext {
-const CpuKernelTable* cpu_kernels_avx512() { return nullptr; }
+const IsaKernels* isa_kernels_avx512() { return nullptr; }
 }  // namespace mlp_ext
 #endif

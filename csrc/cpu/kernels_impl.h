@@ -1,7 +1,7 @@
 // The CPU elementwise kernels, written once over at::vec::Vectorized. Included
-// (after mlp_cpu_kernels.h, and after the capability's #pragma GCC target and
+// (after kernels.h, and after the capability's #pragma GCC target and
 // CPU_CAPABILITY macros) by one .cpp file per instruction set; it defines
-// CpuKernelTable kTable in namespace mlp_ext::CPU_CAPABILITY.
+// IsaKernels kTable in namespace mlp_ext::CPU_CAPABILITY.
 //
 // Parallel over rows (forward) or row blocks x column blocks (backward). Column
 // sums are deterministic: the row blocks depend on the shape only, each column
@@ -10,7 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "activation.h"
-#include "mlp_cpu_gemm_impl.h"
+#include "gemm_impl.h"
 
 namespace mlp_ext {
 
@@ -261,7 +261,7 @@ void short_gemm(
 
 }  // namespace
 
-const CpuKernelTable kTable{bias_activation, activation_backward, column_sums,
+const IsaKernels kTable{bias_activation, activation_backward, column_sums,
                             sum_of_squares,  scaled_copy,         MLP_EXT_SHORT_GEMM};
 #undef MLP_EXT_SHORT_GEMM
 

@@ -1,99 +1,35 @@
-// The CPU operator: the elementwise kernels (mlp_cpu_kernels*.cpp, the widest
-// instruction set the CPU has), the matrix products, and the registration.
-//
-// The matrix products skip ATen's dispatch: products with a short side whose
-// re-read operand fits the caches run on our own kernels (mlp_cpu_gemm_impl.h),
-// larger ones go straight to oneDNN (inside torch) for float32 products large
-// enough to win by it, and to the BLAS that torch links (MKL) otherwise. At
-// small sizes the operator's time is per-call overhead, so every ATen call
-// saved counts; at large sizes oneDNN's float32 GEMM is faster than MKL's
-// sgemm (what nn.Linear uses) on CPUs MKL does not tune for, such as AMD's.
-#include <ATen/Context.h>
-#include <ATen/Version.h>
-#include <torch/library.h>
-
-#include <climits>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-
+// The CPU operator: its DeviceKernels (the elementwise kernels of kernels_*.cpp
+// for the widest instruction set the CPU has, and the matrix products of
+// gemm.cpp) and their registration for the CPU dispatch key.
+#include "cpu/gemm.h"
+#include "cpu/kernels.h"
+#include "device_registration.h"
 #include "mlp.h"
-#include "mlp_cpu_kernels.h"
-
-// The GEMM entry points torch's own CPU kernels call: the Fortran BLAS that
-// libtorch_cpu exports (MKL or OpenBLAS, LP64), and ATen's oneDNN matmul. Weak,
-// so that a torch built without them still loads this library; each use checks.
-#if defined(__GNUC__) && defined(__ELF__)
-#define MLP_EXT_WEAK __attribute__((weak))
-#define MLP_EXT_HAVE_WEAK 1
-#else
-#define MLP_EXT_WEAK
-#define MLP_EXT_HAVE_WEAK 0
-#endif
-
-#if MLP_EXT_HAVE_WEAK
-extern "C" {
-void sgemm_(
-    const char* transa, const char* transb, const int* m, const int* n, const int* k,
-    const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-    const float* beta, float* c, const int* ldc) MLP_EXT_WEAK;
-void dgemm_(
-    const char* transa, const char* transb, const int* m, const int* n, const int* k,
-    const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-    const double* beta, double* c, const int* ldc) MLP_EXT_WEAK;
-// MKL's thread count for the calling thread only (absent from non-MKL builds).
-int MKL_Set_Num_Threads_Local(int) MLP_EXT_WEAK;
-}
-namespace at::native {
-// ATen/native/mkldnn/Matmul.h (not installed): result = beta * result + alpha * mat1 @ mat2.
-TORCH_API void mkldnn_matmul(
-    const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
-    float alpha) MLP_EXT_WEAK;
-}  // namespace at::native
-#endif
 
 namespace mlp_ext {
 namespace {
 
-// ---------------------------------------------------------------- elementwise
-
-const CpuKernelTable& cpu_kernels() {
-  // ATen's own choice (it honours ATEN_CPU_CAPABILITY), narrowed to what we built.
-  static const CpuKernelTable* table = [] {
-    const std::string capability = at::get_cpu_capability();
-    const CpuKernelTable* chosen = nullptr;
-    if (capability == "AVX512") {
-      chosen = cpu_kernels_avx512();
-    }
-    if (chosen == nullptr && (capability == "AVX512" || capability == "AVX2")) {
-      chosen = cpu_kernels_avx2();
-    }
-    return chosen != nullptr ? chosen : cpu_kernels_default();
-  }();
-  return *table;
-}
-
 void bias_activation_cpu(Tensor& z, Tensor& h, const std::optional<Tensor>& b1, Activation act) {
   const std::optional<Tensor> bias = b1 ? std::optional<Tensor>(b1->contiguous()) : std::nullopt;
-  cpu_kernels().bias_activation(
+  isa_kernels().bias_activation(
       z.scalar_type(), act, z.data_ptr(), h.data_ptr(), bias ? bias->const_data_ptr() : nullptr,
       z.size(0), z.size(1));
 }
 
 void activation_backward_cpu(Tensor& g, const Tensor& z, Tensor& db1, Activation act) {
-  cpu_kernels().activation_backward(
+  isa_kernels().activation_backward(
       g.scalar_type(), act, g.data_ptr(), z.const_data_ptr(),
       db1.defined() ? db1.data_ptr() : nullptr, g.size(0), g.size(1));
 }
 
 void column_sums_cpu(Tensor& out, const Tensor& g) {
   const Tensor gc = g.contiguous();
-  cpu_kernels().column_sums(g.scalar_type(), gc.const_data_ptr(), out.data_ptr(), gc.size(0), gc.size(1));
+  isa_kernels().column_sums(g.scalar_type(), gc.const_data_ptr(), out.data_ptr(), gc.size(0), gc.size(1));
 }
 
 Tensor penalty_cpu(const Tensor& w1, const Tensor& w2, double weight_decay) {
   const Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
-  const auto& k = cpu_kernels();
+  const auto& k = isa_kernels();
   const double squares = k.sum_of_squares(w1.scalar_type(), w1c.const_data_ptr(), w1c.numel()) +
       k.sum_of_squares(w2.scalar_type(), w2c.const_data_ptr(), w2c.numel());
   Tensor s = at::empty({}, w1.options());
@@ -105,308 +41,10 @@ Tensor penalty_cpu(const Tensor& w1, const Tensor& w2, double weight_decay) {
   return s;
 }
 
-// ---------------------------------------------------------------- matrix products
-
-// A 2-D tensor as BLAS sees it: column-major data with leading dimension ld,
-// read transposed or not. `owner` keeps a contiguous copy alive when needed.
-struct BlasMatrix {
-  Tensor owner;
-  const void* data;
-  int ld;
-  bool transposed;
-};
-
-bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
-
-// op(t)^T for BLAS (column-major), where op(t) = t^T if trans: a row-major
-// (m x k) matrix is the column-major (k x m) one.
-BlasMatrix blas_operand(const Tensor& t, bool trans) {
-  const int64_t rows = t.size(0), cols = t.size(1);
-  const int64_t s0 = t.stride(0), s1 = t.stride(1);
-  // Row-major: rows apart by s0 >= cols; column-major: columns apart by s1 >= rows.
-  if ((s1 == 1 || cols <= 1) && (rows <= 1 || s0 >= std::max<int64_t>(cols, 1)) &&
-      fits_int(s0)) {
-    return {Tensor(), t.const_data_ptr(), static_cast<int>(std::max<int64_t>({rows <= 1 ? cols : s0, cols, 1})), trans};
-  }
-  if ((s0 == 1 || rows <= 1) && (cols <= 1 || s1 >= std::max<int64_t>(rows, 1)) &&
-      fits_int(s1)) {
-    return {Tensor(), t.const_data_ptr(), static_cast<int>(std::max<int64_t>({cols <= 1 ? rows : s1, rows, 1})), !trans};
-  }
-  Tensor copy = t.contiguous();
-  return {copy, copy.const_data_ptr(), static_cast<int>(std::max<int64_t>(cols, 1)), trans};
-}
-
-// Products of fewer multiply-adds run on the calling thread: there a threaded
-// GEMM loses more to waking and joining its threads than it gains. Measured
-// with MKL on a 2-core VM: the 64^4 training step (262K multiply-adds a
-// product) 1.3x faster; 256x256x10 products (655K) 20-30 us slower, 128^3 (2M)
-// 1.08x slower.
-constexpr int64_t kSerialBelow = int64_t(1) << 19;
-
-template <typename T>
-bool blas_gemm(
-    Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta,
-    int64_t m, int64_t n, int64_t k) {
-#if MLP_EXT_HAVE_WEAK
-  constexpr bool is_double = std::is_same_v<T, double>;
-  if ((is_double ? dgemm_ == nullptr : sgemm_ == nullptr) || !fits_int(m) || !fits_int(n) ||
-      !fits_int(k)) {
-    return false;
-  }
-  // Row-major out (m x n) = op(a) op(b) is column-major out^T = op(b)^T op(a)^T.
-  const BlasMatrix lhs = blas_operand(b, trans_b), rhs = blas_operand(a, trans_a);
-  const char tl = lhs.transposed ? 'T' : 'N', tr = rhs.transposed ? 'T' : 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int ldc = static_cast<int>(std::max<int64_t>(n, 1));
-  const T alpha = 1, beta_t = static_cast<T>(beta);
-  const T* lhs_data = static_cast<const T*>(lhs.data);
-  const T* rhs_data = static_cast<const T*>(rhs.data);
-  // Small products run on the calling thread (kSerialBelow). The setting is
-  // thread-local and restored (0: MKL's global count again). Inside a parallel
-  // region (split_gemm) every call is serial.
-  const bool serial = MKL_Set_Num_Threads_Local != nullptr &&
-      (m * n * k < kSerialBelow || at::in_parallel_region());
-  const int previous = serial ? MKL_Set_Num_Threads_Local(1) : 0;
-  if constexpr (is_double) {
-    dgemm_(&tl, &tr, &M, &N, &K, &alpha, lhs_data, &lhs.ld, rhs_data, &rhs.ld, &beta_t,
-           out.data_ptr<T>(), &ldc);
-  } else {
-    sgemm_(&tl, &tr, &M, &N, &K, &alpha, lhs_data, &lhs.ld, rhs_data, &rhs.ld, &beta_t,
-           out.data_ptr<T>(), &ldc);
-  }
-  if (serial) {
-    MKL_Set_Num_Threads_Local(previous);
-  }
-  return true;
-#else
-  return false;
-#endif
-}
-
-// Which library computes a product.
-enum class CpuGemm {
-  Blas,    // the BLAS torch links (MKL): threaded from kSerialBelow on
-  OneDnn,  // ATen's oneDNN matmul (float32)
-  Split,   // one serial BLAS call per thread, each on a block of out
-  Short,   // our kernels for products with a short side (mlp_cpu_gemm_impl.h)
-};
-
-bool short_usable(const Tensor& out) {
-  return cpu_kernels().short_gemm != nullptr &&
-      (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble);
-}
-
-bool onednn_usable(const Tensor& out) {
-#if MLP_EXT_HAVE_WEAK
-  // ATen's float32 oneDNN matmul insists on AVX-512 (BW, VL, DQ) on x86; ATen's
-  // AVX512 capability implies them.
-  static const bool usable = at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
-      at::get_cpu_capability() == "AVX512";
-  return usable && out.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn();
-#else
-  return false;
-#endif
-}
-
-bool split_usable(const Tensor& out, int64_t m, int64_t n, int64_t k) {
-#if MLP_EXT_HAVE_WEAK
-  // Each thread's call must run serially, which only MKL lets us ask for.
-  const bool blas = out.scalar_type() == at::kFloat ? sgemm_ != nullptr : dgemm_ != nullptr;
-  return blas && MKL_Set_Num_Threads_Local != nullptr && fits_int(m) && fits_int(n) &&
-      fits_int(k) && at::get_num_threads() > 1 && !at::in_parallel_region();
-#else
-  return false;
-#endif
-}
-
-// Measured on a 2-core AMD EPYC (Zen 4), one path against another for every
-// product of the benchmark's sweep:
-// - oneDNN costs ~15 us more per call than MKL, so MKL wins below ~1M
-//   multiply-adds (64^3: 6 us vs 20 us); from ~4M on oneDNN wins or ties, by
-//   1.1-1.4x on large products (~200 vs ~150 GFLOP/s).
-// - Where out has many rows and the inner dimension or the width is short,
-//   both libraries' threaded GEMMs lose to serial calls on halves of out's
-//   rows: dW1 = G_Z^T X at 32x784x256x10 (256 x 32 x 784) 77 us against 89
-//   (oneDNN) and 129 (MKL) in float32, 158 against 228 (MKL) in float64; the
-//   step's backward 1.18x (float32) and 1.41x (float64) faster in interleaved
-//   A/B rounds. Halves of 32 rows (Z = X W1^T there) gained nothing, square-ish
-//   products lose (256x784x256: 520 vs 487 us), and below 512K multiply-adds
-//   the parallel region costs more than it saves (64^4 forward: 20 -> 47 us).
-// - Our kernels (Short) run at 190-210 GFLOP/s in float32 and ~100 in float64
-//   (the two cores' FMA peak) while the operand they read over and over (B
-//   for NN / TN, A for NT) stays in the caches: 1.1-2.4x MKL from 32x784x256
-//   to 512x784x256 and on every smaller product of the sweep. With operands
-//   of 4 MiB and more they lose (4096x1024x1024: 0.7-0.8x; k = 4096: 0.3-0.4x),
-//   since they do not block for the caches the way a BLAS does.
-CpuGemm choose_gemm(
-    const Tensor& out, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k) {
-  static const int forced = [] {
-    // MLP_EXT_CPU_GEMM=blas|onednn|split|short forces one path where it is usable
-    // (for measurements and tests).
-    const char* env = std::getenv("MLP_EXT_CPU_GEMM");
-    const std::string v = env ? env : "";
-    return v == "blas" ? 0 : v == "onednn" ? 1 : v == "split" ? 2 : v == "short" ? 3 : -1;
-  }();
-  if (forced == 1 && onednn_usable(out)) {
-    return CpuGemm::OneDnn;
-  }
-  if (forced == 2 && split_usable(out, m, n, k)) {
-    return CpuGemm::Split;
-  }
-  if (forced == 3 && short_usable(out)) {
-    return CpuGemm::Short;
-  }
-  if (forced != -1) {
-    return CpuGemm::Blas;
-  }
-  const int64_t work = m * n * k;  // multiply-adds
-  constexpr int64_t kShortMaxBytes = int64_t(2) << 20;
-  const int64_t reread = (trans_b ? m * k : k * n) * out.element_size();
-  // Short dot products sum their vectors' lanes too often: float32 NT products
-  // with k < 256 on one thread run at 0.74-0.96x MKL from 64 x 64 up.
-  const bool short_dots = out.scalar_type() == at::kFloat && trans_b && !trans_a && k < 256 &&
-      std::min(m, n) >= 32 && work < kSerialBelow;
-  if (reread <= kShortMaxBytes && !short_dots && short_usable(out)) {
-    return CpuGemm::Short;
-  }
-  constexpr int64_t kSplitMinWork = int64_t(1) << 19, kSplitMinRows = 64, kSplitMaxSide = 64;
-  if (work >= kSplitMinWork && m >= kSplitMinRows && std::min(n, k) <= kSplitMaxSide &&
-      split_usable(out, m, n, k)) {
-    return CpuGemm::Split;
-  }
-  constexpr int64_t kOneDnnMinWork = int64_t(1) << 22;
-  return work >= kOneDnnMinWork && onednn_usable(out) ? CpuGemm::OneDnn : CpuGemm::Blas;
-}
-
-// out[r0:r1] = beta * addend[r0:r1] (addend of out's shape, or a row
-// broadcast over the rows; contiguous). The product then adds to it with the
-// GEMM's beta = 1: given a beta other than 0 or 1, a BLAS scales C first, in a
-// pass over out of its own.
-void copy_addend(Tensor& out, const Tensor& addend, double beta, int64_t r0, int64_t r1) {
-  const int64_t width = out.size(1), row_bytes = width * out.element_size();
-  char* const dst = static_cast<char*>(out.data_ptr());
-  const char* const src = static_cast<const char*>(addend.const_data_ptr());
-  const auto copy = [&](char* to, const char* from, int64_t rows) {
-    if (beta == 1) {
-      std::memcpy(to, from, rows * row_bytes);
-    } else {
-      cpu_kernels().scaled_copy(out.scalar_type(), from, to, beta, rows * width);
-    }
-  };
-  // Threaded like ATen's copy, since a fresh out is faulted in here page by
-  // page (inside split_gemm's parallel region this runs on the calling thread).
-  constexpr int64_t kGrainBytes = int64_t(1) << 17;
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(r0, r1, grain, [&](int64_t lo, int64_t hi) {
-    if (addend.dim() == 2) {
-      copy(dst + lo * row_bytes, src + lo * row_bytes, hi - lo);
-      return;
-    }
-    for (int64_t i = lo; i < hi; ++i) {
-      copy(dst + i * row_bytes, src, 1);
-    }
-  });
-}
-
-// out = beta * addend + op(a) op(b) as blocks of out's rows, one per thread,
-// each a serial BLAS call that follows the copy of its rows of the addend
-// (still in cache for the product).
-template <typename T>
-void split_gemm(
-    Tensor& out, const Tensor& addend, const Tensor& a, bool trans_a, const Tensor& b,
-    bool trans_b, double beta, int64_t m, int64_t n, int64_t k) {
-  constexpr int64_t kRows = 16;  // block edges at multiples of 16 rows
-  at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
-    const int64_t lo = begin * kRows, hi = std::min(m, end * kRows);
-    if (addend.defined()) {
-      copy_addend(out, addend, beta, lo, hi);
-    }
-    Tensor rows = out.narrow(0, lo, hi - lo);
-    const bool done = blas_gemm<T>(
-        rows, a.narrow(trans_a ? 1 : 0, lo, hi - lo), trans_a, b, trans_b,
-        addend.defined() ? 1.0 : 0.0, hi - lo, n, k);
-    TORCH_INTERNAL_ASSERT(done, "split_gemm: the BLAS call was refused");
-  });
-}
-
-// out = beta * add + op(a) op(b), the addend (contiguous, of out's shape or
-// one row) read by the kernel as it writes each tile.
-void short_gemm(
-    Tensor& out, const Tensor& add, double beta, const Tensor& a, bool trans_a, const Tensor& b,
-    bool trans_b) {
-  // blas_operand's column-major view of op(t)^T is the row-major view of t (or
-  // of t^T) that the kernels read: the same data, leading dimension and flag.
-  const BlasMatrix rhs = blas_operand(b, trans_b);
-  BlasMatrix lhs = blas_operand(a, trans_a);
-  if (lhs.transposed && rhs.transposed) {  // no kernel reads both transposed
-    const Tensor op_a = (trans_a ? a.t() : a).contiguous();
-    lhs = {op_a, op_a.const_data_ptr(), static_cast<int>(std::max<int64_t>(op_a.size(1), 1)),
-           false};
-  }
-  const int64_t m = out.size(0), n = out.size(1), k = trans_a ? a.size(0) : a.size(1);
-  cpu_kernels().short_gemm(
-      out.scalar_type(), lhs.transposed, rhs.transposed, m, n, k, lhs.data, lhs.ld, rhs.data,
-      rhs.ld, out.data_ptr(), n, add.defined() ? add.const_data_ptr() : nullptr,
-      add.dim() == 2 ? n : 0, beta, m * n * k >= kSerialBelow);
-}
-
-void onednn_gemm(
-    Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, double beta) {
-#if MLP_EXT_HAVE_WEAK
-  // oneDNN reads row-major and transposed operands in place (copies others).
-  at::native::mkldnn_matmul(
-      trans_a ? a.t() : a, trans_b ? b.t() : b, out, static_cast<float>(beta), 1.0f);
-#endif
-}
-
-// out (m x n, contiguous) = beta * addend + op(a) op(b); see DeviceKernels::matmul.
-void matmul_cpu(
-    Tensor& out, const Tensor* addend, const Tensor& a, bool trans_a, const Tensor& b,
-    bool trans_b, double beta) {
-  const int64_t m = out.size(0), n = out.size(1), k = trans_a ? a.size(0) : a.size(1);
-  if (m == 0 || n == 0) {
-    return;
-  }
-  // beta * addend goes into out first; the product adds to it (the GEMM's beta
-  // is then 1, and 0 without an addend).
-  const Tensor add = addend != nullptr && beta != 0 ? addend->contiguous() : Tensor();
-  const double gemm_beta = add.defined() ? 1.0 : 0.0;
-  const bool is_float = out.scalar_type() == at::kFloat;
-  const CpuGemm gemm = k == 0 ? CpuGemm::Blas : choose_gemm(out, trans_a, trans_b, m, n, k);
-  if (gemm == CpuGemm::Split) {
-    is_float ? split_gemm<float>(out, add, a, trans_a, b, trans_b, beta, m, n, k)
-             : split_gemm<double>(out, add, a, trans_a, b, trans_b, beta, m, n, k);
-    return;
-  }
-  if (gemm == CpuGemm::Short) {
-    short_gemm(out, add, beta, a, trans_a, b, trans_b);
-    return;
-  }
-  if (add.defined()) {
-    copy_addend(out, add, beta, 0, m);
-  }
-  if (k == 0) {
-    if (!add.defined()) {
-      out.zero_();
-    }
-    return;
-  }
-  if (gemm == CpuGemm::OneDnn) {
-    onednn_gemm(out, a, trans_a, b, trans_b, gemm_beta);
-    return;
-  }
-  if (is_float ? blas_gemm<float>(out, a, trans_a, b, trans_b, gemm_beta, m, n, k)
-               : blas_gemm<double>(out, a, trans_a, b, trans_b, gemm_beta, m, n, k)) {
-    return;
-  }
-  const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;
-  add.defined() ? at::addmm_out(out, out, lhs, rhs) : at::mm_out(out, lhs, rhs);
-}
-
 DeviceKernels make_cpu_kernels() {
   DeviceKernels k{bias_activation_cpu, activation_backward_cpu, penalty_cpu,
                   /*reduced_precision=*/false};
-  k.matmul = matmul_cpu;
+  k.matmul = cpu_matmul;
   k.column_sums = column_sums_cpu;
   k.activation_in_place = true;  // each vector is read before it is written
   return k;
@@ -417,27 +55,7 @@ const DeviceKernels kCpuKernels = make_cpu_kernels();
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlp_ext, CPU, m) {
-  m.impl(
-      "fused_mlp_forward",
-      [](const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
-         const std::optional<Tensor>& b2, c10::string_view activation, double weight_decay) {
-        return fused_mlp_forward(kCpuKernels, x, w1, w2, b1, b2, activation, weight_decay);
-      });
-  m.impl(
-      "fused_mlp_inference",
-      [](const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
-         const std::optional<Tensor>& b2, c10::string_view activation, double weight_decay) {
-        return fused_mlp_inference(kCpuKernels, x, w1, w2, b1, b2, activation, weight_decay);
-      });
-  m.impl(
-      "fused_mlp_backward",
-      [](const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x,
-         const Tensor& w1, const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
-         c10::string_view activation, double weight_decay, std::array<bool, 5> output_mask) {
-        return fused_mlp_backward(
-            kCpuKernels, grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay,
-            output_mask);
-      });
+  register_device_kernels<kCpuKernels>(m);
 }
 
 }  // namespace mlp_ext

@@ -18,14 +18,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <cstdlib>
 
+#include "../device_registration.h"
 #include "../mlp.h"
+#include "../ops.h"
 #include "mlp_kernels.cuh"
 #include "narrow_mlp.cuh"
 
@@ -116,9 +117,6 @@ Tensor penalty_cuda(const Tensor& w1, const Tensor& w2, double weight_decay) {
   return s;
 }
 
-const DeviceKernels kCudaKernels{
-    bias_activation_cuda, activation_backward_cuda, penalty_cuda, /*reduced_precision=*/true};
-
 // ---------------------------------------------------------------------------
 // The fully fused narrow-MLP kernels (narrow_mlp.cu)
 
@@ -179,18 +177,16 @@ bool take_narrow_path(
   return choose_narrow_path(mode, p).fused;
 }
 
-// The forward on the fused kernels; nullopt where the GEMM path takes the call.
-// keep_z = false (inference): z and h are neither written nor returned.
+// DeviceKernels::fully_fused_forward: the forward on the narrow kernels, or
+// nullopt where the GEMM path takes the call. keep_z = false (inference): z and h
+// are neither written nor returned.
 std::optional<ForwardResult> narrow_forward(
     const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
-    const std::optional<Tensor>& b2, c10::string_view activation, double weight_decay,
-    bool keep_z) {
+    const std::optional<Tensor>& b2, Activation act, double weight_decay, bool keep_z) {
   const NarrowMode mode = narrow_mode();
   if (mode == NarrowMode::Off) {
     return std::nullopt;
   }
-  const Activation act = parse_activation(activation);
-  check_forward_inputs(x, w1, w2, b1, b2, weight_decay, /*allow_reduced_precision=*/true);
   const int64_t d = w1.size(1), h = w1.size(0), q = w2.size(0);
   const int64_t n = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
   // Contiguous copies, bound to locals that outlive the launch.
@@ -220,18 +216,16 @@ std::optional<ForwardResult> narrow_forward(
   return ForwardResult{o, s, z, hidden};
 }
 
-// The backward on the fused kernels; nullopt where the GEMM path takes the call.
+// DeviceKernels::fully_fused_backward: the backward on the narrow kernels, or
+// nullopt where the GEMM path takes the call.
 std::optional<BackwardResult> narrow_backward(
     const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x, const Tensor& w1,
-    const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
-    c10::string_view activation, double weight_decay, std::array<bool, 5> output_mask) {
+    const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h, Activation act,
+    double weight_decay, std::array<bool, 5> output_mask) {
   const NarrowMode mode = narrow_mode();
   if (mode == NarrowMode::Off) {
     return std::nullopt;
   }
-  const Activation act = parse_activation(activation);
-  // The kernels read raw pointers: every shape, dtype and device is checked first.
-  check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h);
   const auto [need_dx, need_dw1, need_dw2, need_db1, need_db2] = output_mask;
   const int64_t n = z.size(0), d = w1.size(1), hidden = w1.size(0), q = w2.size(0);
   // Autograd may hand an expanded (stride-0) grad_o: everything made contiguous.
@@ -270,12 +264,15 @@ std::optional<BackwardResult> narrow_backward(
   return BackwardResult{need_dx ? dx.view(x.sizes()) : dx, dw1, dw2, db1, db2};
 }
 
-// The device the op runs on, for its device guard. Only a CUDA device is
-// guarded: with a CPU tensor among CUDA ones the argument checks raise the
-// device mismatch before anything runs.
-std::optional<c10::Device> cuda_device_of(const Tensor& t) {
-  return t.is_cuda() ? std::optional<c10::Device>(t.device()) : std::nullopt;
+DeviceKernels make_cuda_kernels() {
+  DeviceKernels k{
+      bias_activation_cuda, activation_backward_cuda, penalty_cuda, /*reduced_precision=*/true};
+  k.fully_fused_forward = narrow_forward;
+  k.fully_fused_backward = narrow_backward;
+  return k;
 }
+
+const DeviceKernels kCudaKernels = make_cuda_kernels();
 
 // torch.autocast("cuda") for fused_mlp, the way autocast treats nn.Linear
 // (aten::linear, also CompositeImplicitAutograd, is a "lower_precision_fp" op):
@@ -300,12 +297,7 @@ std::tuple<Tensor, Tensor> fused_mlp_autocast(
     double weight_decay,
     bool save_hidden) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mlp_ext::fused_mlp", "")
-                       .typed<std::tuple<Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const Tensor&,
-                           const std::optional<Tensor>&, const std::optional<Tensor>&,
-                           c10::string_view, double, bool)>();
+  const auto& op = fused_mlp_op();
   // With inputs on several devices nothing is cast, so that the argument checks
   // report the device mismatch rather than a dtype mismatch that casting made.
   const auto on_device_of_x = [&](const std::optional<Tensor>& t) {
@@ -324,40 +316,7 @@ std::tuple<Tensor, Tensor> fused_mlp_autocast(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlp_ext, CUDA, m) {
-  m.impl(
-      "fused_mlp_forward",
-      [](const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
-         const std::optional<Tensor>& b2, c10::string_view activation, double weight_decay) {
-        const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(x));
-        if (auto result = narrow_forward(x, w1, w2, b1, b2, activation, weight_decay, true)) {
-          return *result;
-        }
-        return fused_mlp_forward(kCudaKernels, x, w1, w2, b1, b2, activation, weight_decay);
-      });
-  m.impl(
-      "fused_mlp_inference",
-      [](const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
-         const std::optional<Tensor>& b2, c10::string_view activation, double weight_decay) {
-        const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(x));
-        if (auto result = narrow_forward(x, w1, w2, b1, b2, activation, weight_decay, false)) {
-          return InferenceResult{std::get<0>(*result), std::get<1>(*result)};
-        }
-        return fused_mlp_inference(kCudaKernels, x, w1, w2, b1, b2, activation, weight_decay);
-      });
-  m.impl(
-      "fused_mlp_backward",
-      [](const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x,
-         const Tensor& w1, const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
-         c10::string_view activation, double weight_decay, std::array<bool, 5> output_mask) {
-        const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(z));
-        if (auto result = narrow_backward(
-                grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay, output_mask)) {
-          return *result;
-        }
-        return fused_mlp_backward(
-            kCudaKernels, grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay,
-            output_mask);
-      });
+  register_device_kernels<kCudaKernels>(m);
 }
 
 TORCH_LIBRARY_IMPL(mlp_ext, AutocastCUDA, m) {

@@ -1,0 +1,330 @@
+// The autograd nodes of fused_mlp and fused_mlp_loss, and the two ops'
+// CompositeImplicitAutograd kernels that build them.
+//
+// The nodes are C++ torch::autograd::Functions, so a training step runs no
+// Python between the op call and the gradients. Each one's forward is one op
+// call (fused_mlp_forward, fused_mlp_loss_forward) and its backward one op call
+// (fused_mlp_backward, fused_mlp_loss_backward). Under create_graph=True the
+// backward instead differentiates the same function recomputed from
+// differentiable ATen ops, so second derivatives are exact; both nodes share
+// that path and the mask of the gradients their inputs need.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "loss.h"
+#include "ops.h"
+
+namespace mlp_ext {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr size_t kX = 0, kW1 = 1, kW2 = 2, kB1 = 3, kB2 = 4;  // positions in a gradient mask
+using GradientMask = std::array<bool, 5>;                       // of x, w1, w2, b1, b2
+
+std::optional<Tensor> optional(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+// Which of x, w1, w2, b1, b2 need a gradient. needs_input_grad counts only the
+// tensors given, in the forward's argument order: x at x_edge, w1 and w2 from
+// w1_edge on, then b1 and b2 where present (an absent b1 shifts b2).
+GradientMask gradient_mask(
+    AutogradContext* ctx, size_t x_edge, size_t w1_edge, bool has_b1, bool has_b2) {
+  const size_t b1_edge = w1_edge + 2, b2_edge = b1_edge + (has_b1 ? 1 : 0);
+  return {
+      ctx->needs_input_grad(x_edge), ctx->needs_input_grad(w1_edge),
+      ctx->needs_input_grad(w1_edge + 1), has_b1 && ctx->needs_input_grad(b1_edge),
+      has_b2 && ctx->needs_input_grad(b2_edge)};
+}
+
+bool any(const GradientMask& mask) {
+  return mask[kX] || mask[kW1] || mask[kW2] || mask[kB1] || mask[kB2];
+}
+
+// Whether the call must be recorded for a derivative: backward (grad mode on
+// and an input requiring grad) or forward mode (an input with a tangent, which
+// the nodes reject with a clear error).
+bool needs_autograd(std::initializer_list<const std::optional<Tensor>*> inputs) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const std::optional<Tensor>* t : inputs) {
+    if (*t && (((grad_mode && (*t)->requires_grad())) || (*t)->_fw_grad(0).defined())) {
+      return true;
+    }
+  }
+  return false;
+}
+
+Tensor activation_op(const Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::Identity: return z;
+    case Activation::Relu: return at::relu(z);
+    case Activation::Sigmoid: return at::sigmoid(z);
+    case Activation::Tanh: return at::tanh(z);
+    case Activation::Gelu: return at::gelu(z, "none");
+    case Activation::GeluTanh: return at::gelu(z, "tanh");
+    case Activation::Silu: return at::silu(z);
+  }
+  TORCH_INTERNAL_ASSERT(false, "unreachable");
+}
+
+// o and s of fused_mlp from differentiable ATen ops (what create_graph
+// differentiates). s is undefined when weight_decay is 0: nothing depends on it.
+std::tuple<Tensor, Tensor> recompute_forward(
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const Tensor& b1,
+    const Tensor& b2,
+    std::string_view activation,
+    double weight_decay) {
+  Tensor z = at::matmul(x, w1.t());
+  if (b1.defined()) {
+    z = z + b1;
+  }
+  Tensor o = at::matmul(activation_op(z, parse_activation(activation)), w2.t());
+  if (b2.defined()) {
+    o = o + b2;
+  }
+  Tensor s;
+  if (weight_decay != 0) {
+    s = (w1.square().sum() + w2.square().sum()) * (weight_decay / 2);
+  }
+  return {o, s};
+}
+
+// The gradients of sum_i <output_grads[i], outputs[i]> with respect to those of
+// x, w1, w2, b1, b2 that `mask` selects, recorded for differentiation. Outputs
+// whose gradient is undefined (did not reach the loss), or that depend on no
+// input requiring grad (s when only x does), are left out.
+BackwardResult differentiable_gradients(
+    const std::vector<std::pair<Tensor, Tensor>>& outputs_and_grads,
+    const std::array<Tensor, 5>& inputs,
+    const GradientMask& mask) {
+  std::vector<Tensor> outputs, output_grads, selected;
+  for (const auto& [output, grad] : outputs_and_grads) {
+    if (output.defined() && grad.defined() && output.requires_grad()) {
+      outputs.push_back(output);
+      output_grads.push_back(grad);
+    }
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (mask[i]) {
+      selected.push_back(inputs[i]);
+    }
+  }
+  std::array<Tensor, 5> result;
+  if (outputs.empty() || selected.empty()) {
+    return {};
+  }
+  const auto grads = torch::autograd::grad(
+      outputs, selected, output_grads, /*retain_graph=*/true, /*create_graph=*/true,
+      /*allow_unused=*/true);
+  for (size_t i = 0, k = 0; i < inputs.size(); ++i) {
+    if (mask[i]) {
+      result[i] = grads[k++];
+    }
+  }
+  return {result[kX], result[kW1], result[kW2], result[kB1], result[kB2]};
+}
+
+// Saved for backward: x, w1, w2, b1 (if given; read only for second
+// derivatives), and the intermediates z and h of the forward (z only when
+// save_hidden is false: the backward then recomputes h = phi(z)). Not b2: no
+// derivative reads it.
+class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x,
+      const Tensor& w1,
+      const Tensor& w2,
+      const std::optional<Tensor>& b1,
+      const std::optional<Tensor>& b2,
+      c10::string_view activation,
+      double weight_decay,
+      bool save_hidden) {
+    // Function::apply turns grad mode off but leaves the autograd keys on: skip
+    // them, or the call would go through the (boxed) autograd fallback.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
+    ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor()});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["weight_decay"] = weight_decay;
+    ctx->saved_data["has_b2"] = b2.has_value();
+    ctx->set_materialize_grads(false);
+    return {o, s};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &b1 = saved[3];
+    const Tensor &z = saved[4], &h = saved[5];
+    const std::string& activation = ctx->saved_data["activation"].toStringRef();
+    const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
+    const Tensor &grad_o = grads[0], &grad_s = grads[1];
+    const GradientMask mask =
+        gradient_mask(ctx, 0, 1, b1.defined(), ctx->saved_data["has_b2"].toBool());
+    variable_list result(8);  // one per forward argument
+    if (!any(mask) || (!grad_o.defined() && !grad_s.defined())) {
+      return result;
+    }
+    Tensor dx, dw1, dw2, db1, db2;
+    if (at::GradMode::is_enabled()) {
+      // o without b2 (it shifts o only); db2 = the row sums of grad_o.
+      const auto [o, s] = recompute_forward(x, w1, w2, b1, Tensor(), activation, weight_decay);
+      GradientMask without_b2 = mask;
+      without_b2[kB2] = false;
+      std::tie(dx, dw1, dw2, db1, std::ignore) = differentiable_gradients(
+          {{o, grad_o}, {s, grad_s}}, {x, w1, w2, b1, Tensor()}, without_b2);
+      if (mask[kB2] && grad_o.defined()) {
+        db2 = grad_o.reshape({-1, w2.size(0)}).sum(0);
+      }
+    } else if (grad_o.defined()) {
+      // fused_mlp_backward has no autograd kernel of its own: go straight to
+      // the device kernel instead of through the (boxed) autograd fallback.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(dx, dw1, dw2, db1, db2) = backward_op().call(
+          grad_o, optional(grad_s), x, w1, w2, z, optional(h), activation, weight_decay, mask);
+    } else if (weight_decay != 0) {
+      // Only s reached the loss: its gradient g_s * weight_decay * W.
+      dw1 = mask[kW1] ? w1 * (grad_s * weight_decay) : Tensor();
+      dw2 = mask[kW2] ? w2 * (grad_s * weight_decay) : Tensor();
+    }
+    result[0] = dx, result[1] = dw1, result[2] = dw2, result[3] = db1, result[4] = db2;
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor> fused_mlp_autograd(
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    c10::string_view activation,
+    double weight_decay,
+    bool save_hidden) {
+  const std::optional<Tensor> ox(x), ow1(w1), ow2(w2);
+  if (!needs_autograd({&ox, &ow1, &ow2, &b1, &b2})) {
+    // Inference: no autograd node to build, nothing to save.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return inference_op().call(x, w1, w2, b1, b2, activation, weight_decay);
+  }
+  auto outputs =
+      FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
+  return {outputs[0], outputs[1]};
+}
+
+// Saved for backward: dL/do, x, w1, w2, b1 (if given), z and h (h only with
+// save_hidden); target and b2 too, read only for second derivatives. o is not
+// saved: dL/do replaces it.
+class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x,
+      const Tensor& target,
+      const Tensor& w1,
+      const Tensor& w2,
+      const std::optional<Tensor>& b1,
+      const std::optional<Tensor>& b2,
+      c10::string_view activation,
+      double weight_decay,
+      c10::string_view loss,
+      c10::string_view reduction,
+      bool save_hidden) {
+    auto [objective, o, dloss_do, z, h] = loss_forward_op().call(
+        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
+        /*keep_gradient=*/true);
+    ctx->save_for_backward(
+        {dloss_do, x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor(), target,
+         b2.value_or(Tensor())});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["weight_decay"] = weight_decay;
+    ctx->saved_data["loss"] = std::string(loss);
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->set_materialize_grads(false);
+    return {objective, o};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &dloss_do = saved[0], &x = saved[1], &w1 = saved[2], &w2 = saved[3];
+    const Tensor &b1 = saved[4], &z = saved[5], &h = saved[6], &target = saved[7];
+    const Tensor& b2 = saved[8];
+    const std::string& activation = ctx->saved_data["activation"].toStringRef();
+    const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
+    const Tensor &grad_J = grads[0], &grad_o = grads[1];
+    const GradientMask mask = gradient_mask(ctx, 0, 2, b1.defined(), b2.defined());
+    variable_list result(11);  // one per forward argument (target gets none)
+    if (!any(mask) || (!grad_J.defined() && !grad_o.defined())) {
+      return result;
+    }
+    Tensor dx, dw1, dw2, db1, db2;
+    if (at::GradMode::is_enabled()) {
+      const auto [o, s] = recompute_forward(x, w1, w2, b1, b2, activation, weight_decay);
+      Tensor objective = differentiable_loss(
+          o, target, ctx->saved_data["loss"].toStringRef(),
+          ctx->saved_data["reduction"].toStringRef());
+      if (s.defined()) {
+        objective = objective + s;
+      }
+      std::tie(dx, dw1, dw2, db1, db2) = differentiable_gradients(
+          {{objective, grad_J}, {o, grad_o}}, {x, w1, w2, b1, b2}, mask);
+    } else {
+      std::tie(dx, dw1, dw2, db1, db2) = loss_backward_op().call(
+          optional(grad_J), optional(grad_o), dloss_do, x, w1, w2, z, optional(h), activation,
+          weight_decay, mask);
+    }
+    result[0] = dx, result[2] = dw1, result[3] = dw2, result[4] = db1, result[5] = db2;
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
+    const Tensor& x,
+    const Tensor& target,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    c10::string_view activation,
+    double weight_decay,
+    c10::string_view loss,
+    c10::string_view reduction,
+    bool save_hidden) {
+  // Checked before dispatch too: a target on another device would otherwise pick the kernel.
+  TORCH_CHECK(
+      target.device() == x.device(), "fused_mlp_loss: expected target on the device of x (",
+      x.device(), "), but got target on ", target.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(target.requires_grad() && at::GradMode::is_enabled()),
+      "fused_mlp_loss: gradients with respect to target are not supported (target requires "
+      "grad); detach it, or use fused_mlp with torch's loss");
+  const std::optional<Tensor> ox(x), ow1(w1), ow2(w2);
+  if (!needs_autograd({&ox, &ow1, &ow2, &b1, &b2})) {
+    // No gradient to come (evaluation): the forward op alone, without forming dL/do.
+    auto result = loss_forward_op().call(
+        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
+        /*keep_gradient=*/false);
+    return {std::get<0>(result), std::get<1>(result)};
+  }
+  auto outputs = FusedMLPLossFunction::apply(
+      x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction, save_hidden);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mlp_ext, CompositeImplicitAutograd, m) {
+  m.impl("fused_mlp", TORCH_FN(fused_mlp_autograd));
+  m.impl("fused_mlp_loss", TORCH_FN(fused_mlp_loss_autograd));
+}
+
+}  // namespace mlp_ext

@@ -1,0 +1,42 @@
+// The dispatcher's typed handles of mlp_ext's ops (declared in ops.cpp), looked
+// up once: the composite ops and the autograd nodes call the device kernels and
+// each other through them.
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "mlp.h"
+
+namespace mlp_ext {
+
+using LossForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // J, o, dL/do, z, h
+
+using FusedMLPSignature = std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double, bool);
+using ForwardSignature = ForwardResult(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double);
+using InferenceSignature = InferenceResult(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double);
+using BackwardSignature = BackwardResult(
+    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const std::optional<Tensor>&, c10::string_view, double, std::array<bool, 5>);
+using LossForwardSignature = LossForwardResult(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::string_view, double, c10::string_view, c10::string_view,
+    bool);
+using LossBackwardSignature = BackwardResult(
+    const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+    double, std::array<bool, 5>);
+
+const c10::TypedOperatorHandle<FusedMLPSignature>& fused_mlp_op();
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op();
+const c10::TypedOperatorHandle<InferenceSignature>& inference_op();
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op();
+const c10::TypedOperatorHandle<LossForwardSignature>& loss_forward_op();
+const c10::TypedOperatorHandle<LossBackwardSignature>& loss_backward_op();
+
+}  // namespace mlp_ext
