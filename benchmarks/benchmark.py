@@ -19,7 +19,10 @@ and gradients, and only then times, in one process:
   fixed gradients of o and s, no loss, i.e. what the step costs inside the MLP;
   op/floor (that time over the GEMM floor; in inference the fused call itself)
   is how close the operator comes to its matrix products;
-* optionally (--compile) torch.compile of the nn.Linear Sequential.
+* optionally (--compile, or --compile-shapes for some shapes only) torch.compile
+  of the nn.Linear Sequential, compiled afresh for each case (two graphs: with
+  and without grad), so that no case runs past dynamo's recompile limit into
+  silent eager fallback.
 
 From these, the bound eager / (bare step + GEMM floor): the ratio that an
 operator costing nothing beyond its matrix products (run by the faster of
@@ -33,9 +36,11 @@ runs each side once (a block of calls long enough to time), in alternating
 order, so that a load change on a shared machine hits both sides alike; the
 ratio eager/fused is the median of the per-round ratios.
 
-Output: a Markdown table on stdout, and <out>/<device>.json (every figure,
-with the machine, torch version, thread count and date), <out>/<device>.md
-(the table) and <out>/<device>.png (a plot of the ratios).
+Output: a Markdown table on stdout, and <out>/<stem>.json (every figure,
+with the machine, torch version, thread count and date), <out>/<stem>.md
+(the table) and <out>/<stem>.png (a plot of the ratios). The stem is "cpu", or
+"cuda-<GPU>" with the GPU's name as a slug (cuda-nvidia-h200: the results of
+different GPUs side by side); --stem chooses another.
 
     python benchmarks/benchmark.py                      # the default sweep
     python benchmarks/benchmark.py --quick              # a fast smoke run
@@ -52,11 +57,11 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +73,9 @@ except ModuleNotFoundError:  # not installed: the checkout this script is in (an
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import mlp_ext
 from mlp_ext import FusedMLP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also when loaded by path
+from common import Clock, gpu_slug, interleaved, medians, parse_shape, saved_bytes  # noqa: E402
 
 DEFAULT_SHAPES = [(1, 16, 16, 16), (64, 64, 64, 64), (32, 784, 256, 10), (256, 784, 256, 10),
                   (4096, 1024, 1024, 1024)]
@@ -123,6 +131,10 @@ def make_sides(seq: nn.Sequential, weight_decay: float, compile_eager: bool = Fa
     ]
     if compile_eager:
         twin = copy.deepcopy(seq)
+        # A fresh cache per case: every shape/dtype/grad mode is a graph of its
+        # own, and past torch._dynamo.config.recompile_limit (8) dynamo would
+        # quietly run the later cases eagerly.
+        torch._dynamo.reset()
         sides.append(linear_side("compiled", torch.compile(twin), twin))
     return sides
 
@@ -279,83 +291,22 @@ def gemm_closure(backend, m, k, n, a_t, b_t, dtype, device, generator):
     return lambda: linear(a, w, None, "none", [], None)
 
 
-# --------------------------------------------------------------------------- timing
-
-class Clock:
-    """Wall time of a block of calls; on CUDA the queue is drained before and after."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def block(self, fn: Callable[[], object], calls: int) -> float:
-        self.sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        self.sync()
-        return (time.perf_counter() - start) / calls
-
-
-def interleaved(closures: Dict[str, Callable[[], object]], clock: Clock, rounds: int,
-                block_seconds: float, progress=None) -> Dict[str, List[float]]:
-    """Per-call seconds of every closure, one value per round.
-
-    Warm-up first (every closure until it has run for block_seconds), then the
-    number of calls per block is fixed per closure so that a block lasts about
-    block_seconds; each round runs every closure's block, the order reversed
-    every other round."""
-    calls = {}
-    for name, fn in closures.items():
-        fn()
-        elapsed, count = 0.0, 0
-        while elapsed < block_seconds or count < 2:
-            t = clock.block(fn, 1)
-            elapsed, count = elapsed + t, count + 1
-        calls[name] = max(1, round(block_seconds / max(elapsed / count, 1e-9)))
-    times = {name: [] for name in closures}
-    names = list(closures)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection inside one side's block would bias it
-    try:
-        for r in range(rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                times[name].append(clock.block(closures[name], calls[name]))
-            gc.collect()
-            if progress is not None:
-                progress.update(1)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
 # --------------------------------------------------------------------------- memory
 
-def saved_bytes(side: Side, x: Tensor, y: Tensor) -> int:
+def train_step_saved_bytes(side: Side, x: Tensor, y: Tensor) -> int:
     """Bytes of the tensors autograd keeps for the backward of one training
     step beyond the parameters and the batch (which exist anyway), each storage
     counted once."""
-    exempt = {t.untyped_storage().data_ptr() for t in (*side.params, x, y)}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exempt:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
     for p in side.params:
         p.grad = None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+
+    def forward():
         o, s = side.with_penalty(x)
-        loss = F.cross_entropy(o, y) + s
+        return F.cross_entropy(o, y) + s
+
+    loss, size = saved_bytes(forward, exclude=(*side.params, x, y))
     loss.backward()
-    return sum(storages.values())
+    return size
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -383,7 +334,8 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
     # Before anything is timed: the math, on float64 copies of the same weights
     # and batch (tight), then the sides that are timed, in their dtype.
     verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y)
-    sides = make_sides(seq, args.weight_decay, args.compile)
+    sides = make_sides(seq, args.weight_decay, args.compile and (
+        args.compile_shapes is None or tuple(shape) in args.compile_shapes))
     verify(sides, x, y)
 
     results = []
@@ -401,8 +353,8 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
                 closures[key] = gemm_closure(backend, m, k, n, a_t, b_t, dtype, device, generator)
                 products.append((name, backend, key))
         with torch.no_grad() if mode == "inference" else torch.enable_grad():
-            times = interleaved(closures, clock, args.rounds, args.block_seconds, progress)
-        median = {key: statistics.median(values) for key, values in times.items()}
+            times = interleaved(closures, clock, args.rounds, args.block_seconds, progress=progress)
+        median = medians(times)
 
         floor_products = {}
         for name, backend, key in products:
@@ -438,7 +390,7 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             result["ratio_compiled"] = statistics.median(
                 c / f for c, f in zip(times["compiled"], times["fused"]))
         if mode == "train":
-            result["saved_bytes"] = {s.name: saved_bytes(s, x, y) for s in sides}
+            result["saved_bytes"] = {s.name: train_step_saved_bytes(s, x, y) for s in sides}
         if device.type == "cuda":
             with torch.no_grad() if mode == "inference" else torch.enable_grad():
                 result["cuda_peak_bytes"] = {s.name: cuda_peak_bytes(closures[s.name], device)
@@ -482,8 +434,10 @@ def markdown_table(results: List[dict]) -> str:
         row = ["×".join(str(s[k]) for k in "ndhq"), r["dtype"], r["activation"], r["mode"],
                fmt_time(r["seconds"]["eager"]), fmt_time(r["seconds"]["fused"]),
                f"**{r['ratio']:.2f}×**"]
-        if compiled:
+        if compiled and "ratio_compiled" in r:
             row += [fmt_time(r["seconds"]["compiled"]), f"{r['ratio_compiled']:.2f}×"]
+        elif compiled:  # a case outside --compile-shapes
+            row += ["–", "–"]
         saved = r.get("saved_bytes", {})
         row += [fmt_time(r["floor_seconds"]), f"{r['operator_over_floor']:.2f}", f"{r['bound']:.2f}×",
                 f"{r['gflops']['eager']:.3g}", f"{r['gflops']['fused']:.3g}",
@@ -505,6 +459,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def result_stem(device: torch.device) -> str:
+    """The name of the result files: "cpu", or "cuda-" and a slug of the GPU's name
+    ("NVIDIA H200" -> "cuda-nvidia-h200")."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda-{gpu_slug(torch.cuda.get_device_name(device))}"
+
+
 def machine_info(device: torch.device, args) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -522,6 +484,7 @@ def machine_info(device: torch.device, args) -> dict:
         "rounds": args.rounds,
         "block_seconds": args.block_seconds,
         "compile": args.compile,
+        "compile_shapes": args.compile_shapes and ["x".join(map(str, s)) for s in args.compile_shapes],
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         # torch's CPU allocator madvises huge pages for large buffers when set:
         # fewer page faults in both sides' fresh buffers.
@@ -573,13 +536,6 @@ def plot(results: List[dict], meta: dict, path: Path) -> None:
 
 # --------------------------------------------------------------------------- command line
 
-def parse_shape(text: str) -> Tuple[int, int, int, int]:
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected a shape NxDxHxQ of positive integers, got {text!r}")
-    return tuple(int(p) for p in parts)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Time the fused MLP operator against nn.Linear (inference and training step).",
@@ -596,6 +552,9 @@ def parse_args(argv=None):
                    help="a fast smoke run: two small shapes, float32, relu, few short rounds")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the nn.Linear Sequential")
+    p.add_argument("--compile-shapes", type=lambda s: [parse_shape(x) for x in s.split(",")],
+                   help="like --compile, for these of the shapes only (compiling is the slow "
+                        "part of a CUDA run: two graphs per case)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per case (default 15; 3 with --quick)")
     p.add_argument("--block-seconds", type=float,
                    help="length of one side's timed block in a round (default 0.05 s; 0.005 with --quick)")
@@ -605,9 +564,17 @@ def parse_args(argv=None):
                    help="CUDA: allow TF32 in float32 matrix products (set for both sides alike)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="directory of <device>.json, <device>.md and <device>.png")
+                   help="directory of <stem>.json, <stem>.md and <stem>.png")
+    p.add_argument("--stem", help="name of the result files (default: cpu, or cuda-<GPU name "
+                                  "slug> such as cuda-nvidia-h200)")
     args = p.parse_args(argv)
     args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    if args.compile_shapes is not None:
+        missing = [s for s in args.compile_shapes if s not in args.shapes]
+        if missing:
+            p.error("--compile-shapes: not among the shapes timed: "
+                    + ",".join("x".join(map(str, s)) for s in missing))
+        args.compile = True
     args.dtype = args.dtype or (["float32"] if args.quick else DEFAULT_DTYPES)
     args.activation = args.activation or (["relu"] if args.quick else DEFAULT_ACTIVATIONS)
     if args.rounds is None:
@@ -631,6 +598,8 @@ def parse_args(argv=None):
         p.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
     if args.rounds < 1 or args.block_seconds <= 0:
         p.error("--rounds must be >= 1 and --block-seconds > 0")
+    if args.stem is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.stem):
+        p.error(f"--stem: expected a file name of letters, digits, '.', '_' and '-', got {args.stem!r}")
     return args
 
 
@@ -652,30 +621,37 @@ def main(argv=None) -> dict:
     results = []
     with tqdm(total=len(cases) * len(MODES) * args.rounds, unit="round", file=sys.stderr,
               dynamic_ncols=True) as progress:
-        for shape, dtype_name, activation in cases:
-            progress.set_description(f"{'x'.join(map(str, shape))} {dtype_name} {activation}")
-            results += run_case(shape, dtype_name, activation, args, clock, generator, progress)
+        try:
+            for shape, dtype_name, activation in cases:
+                progress.set_description(f"{'x'.join(map(str, shape))} {dtype_name} {activation}")
+                results += run_case(shape, dtype_name, activation, args, clock, generator, progress)
+        except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: keep the cases done
+            meta["interrupted"] = f"after {len(results) // len(MODES)} of {len(cases)} cases"
+            print(f"\ninterrupted {meta['interrupted']}: writing those", file=sys.stderr)
     if hasattr(os, "getloadavg"):
         meta["load_average_at_end"] = os.getloadavg()
 
     table = markdown_table(results)
-    settings = (f"{meta['device']}" + (f" ({meta['gpu']}, TF32 {args.tf32})" if device.type == "cuda"
-                                        else f" ({meta['cpu']})")
+    settings = (f"{meta['device']}" + (f" ({meta['gpu']}, CUDA {meta['cuda']}, TF32 {args.tf32})"
+                                        if device.type == "cuda" else f" ({meta['cpu']})")
                 + f", torch {meta['torch']}, {meta['threads']} threads, {meta['date']}; "
                 f"medians of {args.rounds} interleaved rounds; weight decay {args.weight_decay:g}")
     if "load_average_at_start" in meta:
         settings += ("; load average {:.2f} at start, {:.2f} at end".format(
             meta["load_average_at_start"][0], meta["load_average_at_end"][0]))
+    if "interrupted" in meta:
+        settings += f"; INTERRUPTED {meta['interrupted']}"
     print(f"{settings}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = device.type
+    stem = args.stem or result_stem(device)
     report = {"meta": meta, "results": results}
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(f"{settings}\n\n{table}\n")
-    plot(results, meta, args.out / f"{stem}.png")
+    if results:
+        plot(results, meta, args.out / f"{stem}.png")
     print(f"\nwrote {args.out / stem}.json, .md and .png", file=sys.stderr)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(130 if "interrupted" in main()["meta"] else 0)

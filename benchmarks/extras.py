@@ -19,8 +19,8 @@ variants timed in interleaved rounds after a warm-up (medians reported):
    against fused_mlp + F.cross_entropy + s, training step and forward alone.
 """
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -28,57 +28,16 @@ import torch.nn.functional as F
 import mlp_ext
 from mlp_ext import reference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
+from common import Clock, interleaved, medians, parse_shape, saved_bytes  # noqa: E402
+
 DEFAULT_SHAPES = ["64x64x64x64", "32x784x256x10", "256x784x256x10", "1024x1024x1024x1024"]
 
 
-def parse_shape(text):
-    sizes = tuple(int(v) for v in text.lower().split("x"))
-    if len(sizes) != 4:
-        raise argparse.ArgumentTypeError(f"expected NxDxHxQ, got {text!r}")
-    return sizes
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(variants, device, rounds, min_time):
-    """{name: median seconds per call} over rounds; each round times every variant once
-    (in rotating order) over enough calls to last min_time seconds."""
-    calls = {}
-    for name, fn in variants.items():  # warm-up, and calls per round
-        fn()
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        calls[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-7)))
-    samples = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = variants[name]
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves while fn runs, and fn's result."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return result, storages
+def timed(variants, args, device):
+    """{name: median seconds per call}: interleaved rounds, each timing every variant
+    over enough calls to last args.min_time seconds."""
+    return medians(interleaved(variants, Clock(device), args.rounds, args.min_time))
 
 
 def make_problem(shape, dtype, device, activation, weight_decay):
@@ -106,9 +65,7 @@ def bench_save_hidden(shape, args, device):
     measured = {}
     for mode in (True, False):
         mlp.save_hidden = mode
-        _, storages = saved_bytes(lambda: mlp(x))
-        references = {t.untyped_storage().data_ptr() for t in [x, *params]}
-        measured[mode] = sum(v for k, v in storages.items() if k not in references)
+        _, measured[mode] = saved_bytes(lambda: mlp(x), exclude=[x, *params])
     peaks = {}
     if device.type == "cuda":
         for mode in (True, False):
@@ -118,8 +75,7 @@ def bench_save_hidden(shape, args, device):
             step(mode)
             torch.cuda.synchronize(device)
             peaks[mode] = torch.cuda.max_memory_allocated(device) - base
-    times = interleaved({"saved": lambda: step(True), "recomputed": lambda: step(False)},
-                        device, args.rounds, args.min_time)
+    times = timed({"saved": lambda: step(True), "recomputed": lambda: step(False)}, args, device)
     row = {"shape": shape, "saved_B": measured[True], "recomputed_B": measured[False],
            "saved_ms": 1e3 * times["saved"], "recomputed_ms": 1e3 * times["recomputed"]}
     if peaks:
@@ -152,19 +108,16 @@ def bench_second_order(shape, args, device):
     for a, b in zip(hvp(mlp_ext.fused_mlp)(), hvp(reference.fused_mlp)()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     loss = J(mlp_ext.fused_mlp)
-    _, forward_storages = saved_bytes(lambda: J(mlp_ext.fused_mlp))
-    _, second_storages = saved_bytes(
-        lambda: torch.autograd.grad(loss, params, retain_graph=True, create_graph=True))
-    times = interleaved({"first": first, "create_graph": create_graph,
-                         "hvp": hvp(mlp_ext.fused_mlp), "hvp_reference": hvp(reference.fused_mlp)},
-                        device, args.rounds, args.min_time)
-    references = {t.untyped_storage().data_ptr() for t in [x, *params]}
-
-    def owned(storages):  # what autograd keeps beyond references to x and the parameters
-        return sum(size for ptr, size in storages.items() if ptr not in references)
-
-    return {"shape": shape, "forward_saved_B": owned(forward_storages),
-            "create_graph_saved_B": owned(second_storages),
+    # What autograd keeps beyond references to x and the parameters.
+    _, forward_saved = saved_bytes(lambda: J(mlp_ext.fused_mlp), exclude=[x, *params])
+    _, create_graph_saved = saved_bytes(
+        lambda: torch.autograd.grad(loss, params, retain_graph=True, create_graph=True),
+        exclude=[x, *params])
+    times = timed({"first": first, "create_graph": create_graph,
+                   "hvp": hvp(mlp_ext.fused_mlp), "hvp_reference": hvp(reference.fused_mlp)},
+                  args, device)
+    return {"shape": shape, "forward_saved_B": forward_saved,
+            "create_graph_saved_B": create_graph_saved,
             **{f"{k}_ms": 1e3 * t for k, t in times.items()}}
 
 
@@ -191,11 +144,10 @@ def bench_fused_loss(shape, args, device):
                 return fn()
         return run
 
-    times = interleaved({
+    times = timed({
         "fused_step": lambda: torch.autograd.grad(fused(), params),
         "composed_step": lambda: torch.autograd.grad(composed(), params),
-        "fused_forward": no_grad(fused), "composed_forward": no_grad(composed)},
-        device, args.rounds, args.min_time)
+        "fused_forward": no_grad(fused), "composed_forward": no_grad(composed)}, args, device)
     return {"shape": shape, **{f"{k}_ms": 1e3 * t for k, t in times.items()}}
 
 

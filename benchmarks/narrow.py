@@ -5,7 +5,8 @@ For each dtype x width (d = h = q) x batch it times, on the same weights:
 
     eager    nn.Sequential(nn.Linear(w, w), act, nn.Linear(w, w))
     compile  torch.compile of that Sequential (default settings)
-    gemm     mlp_ext.FusedMLP with MLP_EXT_NARROW=off (cuBLAS products + fused epilogues)
+    gemm     mlp_ext.FusedMLP with MLP_EXT_NARROW=off (cuBLAS products, our elementwise
+             kernels between them)
     fused    mlp_ext.FusedMLP with MLP_EXT_NARROW=on (the fully fused kernels)
 
 in two modes: inference (forward under torch.no_grad) and a training step (forward,
@@ -23,13 +24,18 @@ weights are negligible) and set against the device's measured copy bandwidth.
     python benchmarks/narrow.py                          # everything (long: see --help)
     python benchmarks/narrow.py --dtypes float16 --widths 64 --batches 18 21
     python benchmarks/narrow.py --no-compile --out benchmarks/results/narrow-quick.json
+    python benchmarks/narrow.py --dtypes float16 bfloat16 float32 --widths 64 --batches 18 \
+        --no-compile --rounds 10 --merge-into benchmarks/results/cuda-nvidia-h200.json
+                                                         # what scripts/gpu_run.sh runs
+
+--merge-into adds these results to the JSON that benchmarks/benchmark.py wrote (under
+"narrow") and their Markdown table to the .md beside it (either is created if missing).
 
 float32 runs with torch.set_float32_matmul_precision("high") (TF32) for every
 variant, since the fused kernels take float32 only as TF32 (--fp32-precision).
 """
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -40,7 +46,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # in-place builds
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
 import mlp_ext  # noqa: E402
+from common import Clock, gpu_slug, interleaved, medians  # noqa: E402
 from mlp_ext import reference  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -66,7 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--fp32-precision", default="high", choices=["high", "highest"],
                    help="float32 matmul precision for every variant (fused needs 'high')")
     p.add_argument("--out", default=None,
-                   help="JSON output (default: benchmarks/results/narrow-<gpu>.json)")
+                   help="JSON output (default: benchmarks/results/narrow-cuda-<gpu>.json)")
+    p.add_argument("--merge-into", metavar="JSON", default=None,
+                   help="also add the results to this JSON of benchmarks/benchmark.py (key "
+                        "'narrow') and their table to the .md beside it")
     return p.parse_args(argv)
 
 
@@ -163,32 +174,6 @@ class Problem:
         return forward if mode == "inference" else forward + 2 * n * 3 * w * w
 
 
-def time_interleaved(runs, rounds, target_ms=2.0):
-    """Median milliseconds per call of each function, interleaved rounds after warm-up."""
-    bursts = {}
-    for name, run in runs.items():
-        for _ in range(3):
-            run()
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        once_ms = (time.perf_counter() - start) * 1e3
-        bursts[name] = max(1, min(200, math.ceil(target_ms / max(once_ms, 1e-3))))
-    samples = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(bursts[name]):
-                runs[name]()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) / bursts[name])
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
 def peak_memory_mb(run):
     sync()
     torch.cuda.reset_peak_memory_stats()
@@ -235,7 +220,11 @@ def bench_problem(problem, mode, args, copy_bw):
         except Exception as e:  # noqa: BLE001 - recorded in the results, the run goes on
             row["verified"], row["error"] = False, f"{type(e).__name__}: {e}"
         rows.append(row)
-    times = time_interleaved(runs, args.rounds) if runs else {}
+    times = {}
+    if runs:  # medians in ms; a sample is a burst of calls (~2 ms, at most 200) timed by CUDA events
+        clock = Clock("cuda", cuda_events=True)
+        times = {name: 1e3 * t for name, t in
+                 medians(interleaved(runs, clock, args.rounds, 2e-3, max_calls=200)).items()}
     eager = times.get("eager")
     for row in rows:
         ms = times.get(row["variant"])
@@ -254,13 +243,69 @@ def bench_problem(problem, mode, args, copy_bw):
     return rows
 
 
+def markdown_table(results):
+    """One row per (dtype, width, batch, mode): each variant's time and the fused
+    kernels' speed-ups, bandwidth, error and whether they ran."""
+    def ms(row):
+        return f"{row['ms']:.4f}" if row and "ms" in row else ("–" if not row else "FAIL")
+
+    def ratio(value):
+        return f"{value:.2f}×" if value else "–"
+
+    head = ["dtype", "width", "batch", "mode", *(f"{v} ms" for v in VARIANTS),
+            "fused/eager", "fused/compile", "fused/gemm", "fused GB/s", "% copy BW",
+            "fused kernels ran", "max rel. error"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    groups = {}
+    for row in results:
+        groups.setdefault((row["dtype"], row["width"], row["batch"], row["mode"]), {})[row["variant"]] = row
+    for (dtype, width, batch, mode), rows in groups.items():
+        fused = rows.get("fused", {})
+        errors = [r["max_relative_error"] for r in rows.values() if "max_relative_error" in r]
+        cells = [dtype, str(width), str(batch), mode, *(ms(rows.get(v)) for v in VARIANTS),
+                 ratio(fused.get("fused_speedup_vs_eager")), ratio(fused.get("fused_speedup_vs_compile")),
+                 ratio(fused.get("fused_speedup_vs_gemm")),
+                 f"{fused['GBps']:.0f}" if "GBps" in fused else "–",
+                 f"{100 * fused['fraction_of_copy_bandwidth']:.0f}%" if "GBps" in fused else "–",
+                 {True: "yes", False: "**no**"}.get(fused.get("fused_kernels_ran"), "–"),
+                 f"{max(errors):.2g}" if errors else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def merge_into(path, meta, results):
+    """Adds the results to benchmark.py's JSON at path (key "narrow") and their table
+    to the .md beside it; creates either if missing."""
+    report = {"meta": meta}
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+    report["narrow"] = {"meta": meta, "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    md = os.path.splitext(path)[0] + ".md"
+    section = (f"\n## Narrow MLPs: the fully fused kernels (MLP_EXT_NARROW=on) against the GEMM path "
+               f"(off) and nn.Linear\n\n{meta['device']}, torch {meta['torch']}, CUDA {meta['cuda']}; "
+               f"{meta['activation']}, float32 matmul precision {meta['fp32_precision']}, medians of "
+               f"{meta['rounds']} interleaved rounds; device copy bandwidth "
+               f"{meta['copy_bandwidth_GBps']:.0f} GB/s. Training step = forward + backward from a "
+               f"fixed grad_o (x without grad, weight_decay 0)."
+               + (f" INTERRUPTED {meta['interrupted']}." if meta.get("interrupted") else "")
+               + f"\n\n{markdown_table(results)}\n")
+    with open(md, "a") as f:
+        f.write(section)
+    print(f"merged into {path} and {md}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/narrow.py needs a CUDA device")
     device = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "narrow-" + device.replace(" ", "_") + ".json")
+                                   f"narrow-cuda-{gpu_slug(device)}.json")
     copy_bw = copy_bandwidth()
     print(f"{device}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
           f"device copy bandwidth {copy_bw:.0f} GB/s", flush=True)
@@ -271,6 +316,7 @@ def main(argv=None):
               " ".join(f"{v + ' ms':>11}" for v in VARIANTS) +
               f" {'x eager':>8} {'x compile':>9} {'x gemm':>7} {'fused GB/s':>11} {'% copy':>7}")
     print(header)
+    interrupted = None
     try:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
@@ -301,6 +347,9 @@ def main(argv=None):
                               flush=True)
                     del problem
                     torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: keep the problems done
+        interrupted = f"after {len(results)} result rows"
+        print(f"interrupted {interrupted}: writing those", flush=True)
     finally:
         torch.set_float32_matmul_precision(old_precision)
         if old_env is None:
@@ -316,10 +365,16 @@ def main(argv=None):
         "notes": "training step = forward + backward from a fixed grad_o, x without grad, "
                  "weight_decay 0; GBps counts the bytes the fused algorithm must move",
     }
+    if interrupted:
+        meta["interrupted"] = interrupted
     with open(out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"wrote {out}")
+    if args.merge_into:
+        merge_into(args.merge_into, meta, results)
+    print("\n" + markdown_table(results))
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,10 +23,12 @@ and by a DDP communication hook (data parallel).
 Prints a Markdown table and writes JSON to benchmarks/results/.
 """
 import argparse
+import functools
 import json
 import math
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
@@ -38,6 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import mlp_ext
 from mlp_ext.parallel import TensorParallelFusedMLP, run_local, shard_sizes
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
+from common import saved_bytes  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "parallel_tradeoff.json")
 
@@ -88,18 +93,8 @@ def ring_bytes_sent(payload: int, world: int) -> int:
 
 def _saved_activation_bytes(module, x, parameters):
     """(bytes of the distinct non-parameter storages autograd saves in module(x), its output)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages: Dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_storages:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(x, return_penalty=True)
-    return sum(storages.values()), out
+    out, size = saved_bytes(functools.partial(module, x, return_penalty=True), exclude=parameters)
+    return size, out
 
 
 def _measure_rank(rank: int, world: int, sizes: List[tuple], dtype_name: str) -> List[dict]:

@@ -87,34 +87,14 @@ fi
 # The in-place build is importable from every script and test, installed or not.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-# The toolkit: torch takes CUDA_HOME from `which nvcc`, which is wrong when nvcc on
-# PATH is a wrapper script outside the toolkit. Same lookup as tools/narrow_gpu_check.sh.
-cuda_home() {
-  local nvcc candidate
-  nvcc=$(command -v nvcc || true)
-  for candidate in "${CUDA_HOME:-}" "${CUDA_PATH:-}" \
-      "${nvcc:+$(dirname "$(dirname "$(readlink -f "$nvcc")")")}" \
-      "${nvcc:+$("$nvcc" -dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)}" \
-      /usr/local/cuda; do
-    if [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
-      (cd "$candidate" && pwd -P)
-      return 0
-    fi
-  done
-  return 1
-}
+source scripts/cuda_toolkit.sh  # cuda_home, find_sanitizer
 if CUDA_HOME=$(cuda_home); then
   export CUDA_HOME
   export PATH="$CUDA_HOME/bin:$PATH"
 else
   unset CUDA_HOME
 fi
-COMPUTE_SANITIZER=
-for candidate in "$(command -v compute-sanitizer || true)" \
-    "${CUDA_HOME:+$CUDA_HOME/bin/compute-sanitizer}" \
-    "${CUDA_HOME:+$CUDA_HOME/compute-sanitizer/compute-sanitizer}"; do
-  if [ -n "$candidate" ] && [ -x "$candidate" ]; then COMPUTE_SANITIZER=$candidate; break; fi
-done
+COMPUTE_SANITIZER=$(find_sanitizer || true)
 export COMPUTE_SANITIZER NARROW_LOGS=$WORK/narrow PY  # for tools/narrow_gpu_check.sh
 SELFTEST=build/narrow_selftest
 

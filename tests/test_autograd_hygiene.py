@@ -8,28 +8,17 @@ import mlp_ext
 from mlp_ext import reference
 
 from conftest import make_inputs
-
-
-def _saved_tensors(fn):
-    """Runs fn() under saved_tensors_hooks; returns the tensors packed for backward."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
+from helpers import SavedTensors
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_saves_exactly_x_weights_z_and_h(device, activation, bias):
-    """SPEC section 1: the forward saves Z and H, plus the inputs the equations read
+    """The forward saves Z and H (the README's math), plus the inputs the equations read
     (x, W1, W2; b1 only so that create_graph can rebuild z). Nothing else: no o, no b2."""
     x, w1, w2, b1, b2 = make_inputs(n=7, d=5, h=9, q=4, bias=bias, device=device)
-    (o, s), saved = _saved_tensors(
-        lambda: mlp_ext.fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=0.1))
+    with SavedTensors() as packed:
+        o, s = mlp_ext.fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=0.1)
+    saved = packed.tensors
     expected_inputs = [x, w1, w2] + ([b1] if bias else [])
     assert len(saved) == len(expected_inputs) + 2
     for t, ref in zip(saved, expected_inputs):
@@ -45,9 +34,11 @@ def test_saved_bytes_are_the_intermediates_only():
     """Beyond the inputs, backward keeps exactly z and h: 2 * n * hidden elements."""
     x, w1, w2, b1, b2 = make_inputs(n=32, d=16, h=64, q=8, dtype=torch.float32)
     inputs = {t.data_ptr() for t in (x, w1, w2, b1)}
-    _, saved = _saved_tensors(lambda: mlp_ext.fused_mlp(x, w1, w2, b1, b2))
-    extra = [t for t in saved if t.data_ptr() not in inputs]
+    with SavedTensors() as saved:
+        mlp_ext.fused_mlp(x, w1, w2, b1, b2)
+    extra = [t for t in saved.tensors if t.data_ptr() not in inputs]
     assert sum(t.numel() * t.element_size() for t in extra) == 2 * 32 * 64 * 4
+    assert saved.owned_bytes(x, w1, w2, b1) == 2 * 32 * 64 * 4  # two storages of their own
 
 
 def _resident_bytes():

@@ -1,25 +1,18 @@
-"""The benchmark's --quick path end to end, and its verification step."""
-import importlib.util
+"""The benchmark's --quick path end to end, its verification step, and the timing and
+saved-bytes helpers of benchmarks/common.py."""
+import gc
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import mlp_ext
+from helpers import load_module
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("mlp_benchmark", ROOT / "benchmarks" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_module("mlp_benchmark", ROOT / "benchmarks" / "benchmark.py")
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +132,37 @@ def test_operator_alone_gives_the_gradients_of_its_output_gradients():
     expected = torch.autograd.grad((o, s), fused.params, (grad_o, torch.ones_like(s)))
     for p, e in zip(fused.params, expected):
         torch.testing.assert_close(p.grad, e)
+
+
+def test_interleaved_alternates_the_order_and_keeps_gc_on_interrupt():
+    """benchmarks/common.py's timing (all benchmarks use it): after warm-up, each round
+    runs every closure's block, the order reversed every other round; a Ctrl-C
+    (KeyboardInterrupt) inside a round leaves the garbage collector as it was."""
+    log = []
+    closures = {name: (lambda name=name: log.append(name)) for name in "ab"}
+    times = bench.interleaved(closures, bench.Clock("cpu"), 4, 1e-4, max_calls=1)
+    assert log[-8:] == list("abbaabba")
+    assert {name: len(values) for name, values in times.items()} == {"a": 4, "b": 4}
+    assert all(t > 0 for values in times.values() for t in values)
+    assert bench.medians({"a": [3.0, 1.0, 2.0]}) == {"a": 2.0}
+
+    def interrupted():
+        if not gc.isenabled():  # in the rounds (the collector is off while they run)
+            raise KeyboardInterrupt
+
+    assert gc.isenabled()
+    with pytest.raises(KeyboardInterrupt):
+        bench.interleaved({"x": interrupted}, bench.Clock("cpu"), 3, 1e-4)
+    assert gc.isenabled()
+
+
+def test_saved_bytes_counts_the_storages_autograd_keeps():
+    n, d, h, q = 6, 5, 7, 3
+    mlp = mlp_ext.FusedMLP(d, h, q)
+    x = torch.randn(n, d)
+    params = list(mlp.parameters())
+    o, everything = bench.saved_bytes(lambda: mlp(x))
+    assert o.shape == (n, q)
+    _, owned = bench.saved_bytes(lambda: mlp(x), exclude=[x, *params])
+    assert owned == 2 * n * h * 4  # z and h
+    assert everything == owned + x.nbytes + sum(p.nbytes for p in params[:3])  # x, W1, b1, W2

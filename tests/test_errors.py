@@ -1,4 +1,5 @@
-"""Every bad input of SPEC section 2 raises a clear exception naming the argument."""
+"""Every bad input the README's API section lists raises a clear exception naming the
+argument, the expected and the actual value."""
 import math
 
 import pytest

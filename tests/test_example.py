@@ -1,24 +1,15 @@
 """examples/train_digits.py: a short run trains both models in lockstep."""
-import importlib.util
-import sys
 import math
 from pathlib import Path
 
 import pytest
 
+from helpers import load_module
+
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_digits", ROOT / "examples" / "train_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-example = load_example()
+example = load_module("train_digits", ROOT / "examples" / "train_digits.py")
 
 
 def test_short_run_gives_equal_loss_curves(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """scripts/gpu_run.sh and what it relies on, checked without a GPU: the script's flow
 with every CUDA stage skipped, the benchmarks' file names and merged tables, and a
 machine without graphviz (the GPU machine has none)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,18 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RUN = ROOT / "scripts" / "gpu_run.sh"
 NARROW_CHECK = ROOT / "tools" / "narrow_gpu_check.sh"
-
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("script", [GPU_RUN, NARROW_CHECK], ids=lambda p: p.name)
@@ -64,12 +56,12 @@ def test_gpu_run_rejects_an_unknown_stage(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench():
-    return load("mlp_benchmark_gpu_run", ROOT / "benchmarks" / "benchmark.py")
+    return load_module("mlp_benchmark_gpu_run", ROOT / "benchmarks" / "benchmark.py")
 
 
 @pytest.fixture(scope="module")
 def narrow():
-    return load("mlp_narrow_bench", ROOT / "benchmarks" / "narrow.py")
+    return load_module("mlp_narrow_bench", ROOT / "benchmarks" / "narrow.py")
 
 
 def test_result_files_are_named_after_the_gpu(bench, narrow, monkeypatch):

@@ -10,6 +10,7 @@ import mlp_ext
 from mlp_ext.memory import saved_for_backward
 
 from conftest import make_inputs
+from helpers import SavedTensors
 
 OPS = torch.ops.mlp_ext
 # (loss, kind of target): cross-entropy takes class indices or class probabilities.
@@ -138,15 +139,10 @@ def test_saves_dloss_do_instead_of_o(save_hidden):
     """What the node keeps: saved_for_backward(loss=True), dL/do among it, never o."""
     x, w1, w2, b1, b2 = make_inputs(batch_shape=(6,), dtype=torch.float32)
     target = make_target("indices", (6,), 3)
-    packed = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensors() as saved:
         J, o = mlp_ext.fused_mlp_loss(x, target, w1, w2, b1, b2, return_output=True,
                                       save_hidden=save_hidden)
+    packed = saved.tensors
     expected = saved_for_backward(bias=True, save_hidden=save_hidden, loss=True)
     assert len(packed) == len(expected)
     o_storage = o.untyped_storage().data_ptr()

@@ -6,6 +6,8 @@ import torch
 import mlp_ext
 from mlp_ext.memory import saved_for_backward
 
+from helpers import SavedTensors
+
 SHAPES = [  # (leading shape of x, in, hidden, out)
     ((7,), 5, 6, 3),
     ((2, 3), 4, 8, 2),
@@ -13,37 +15,6 @@ SHAPES = [  # (leading shape of x, in, hidden, out)
     ((1,), 1, 1, 1),
     ((0,), 4, 5, 3),      # an empty batch
 ]
-
-
-class SavedTensors:
-    """Every tensor autograd packs while the block runs (saved_tensors_hooks)."""
-
-    def __init__(self):
-        self.tensors = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t):
-        self.tensors.append(t)
-        return t
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._hooks.__exit__(*exc)
-
-    def storages(self):
-        """{data_ptr: nbytes} of the distinct storages: views of one buffer count once."""
-        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in self.tensors}
-
-
-def _owned_bytes(saved: SavedTensors, *references):
-    """Bytes of the saved storages that are not those of the given inputs / parameters
-    (which autograd only references): the activations the op allocated and keeps."""
-    referenced = {t.untyped_storage().data_ptr() for t in references if t is not None}
-    return sum(size for ptr, size in saved.storages().items() if ptr not in referenced)
 
 
 @pytest.mark.parametrize("save_hidden", [True, False])
@@ -62,7 +33,7 @@ def test_footprint_of_a_training_step_to_the_byte(shape, dtype, bias, save_hidde
     fp = mlp_ext.memory_footprint(batch, d, h, q, dtype=dtype, bias=bias, training=True,
                                   save_hidden=save_hidden)
     params = list(mlp.parameters())
-    assert fp.saved_activations == _owned_bytes(saved, x, *params)
+    assert fp.saved_activations == saved.owned_bytes(x, *params)
     assert fp.parameters == sum(p.untyped_storage().nbytes() for p in params)
     assert fp.gradients == sum(p.grad.untyped_storage().nbytes() for p in params)
     assert fp.inputs == x.untyped_storage().nbytes()
@@ -124,7 +95,7 @@ def test_save_hidden_false_saves_n_times_hidden_elements_less():
         x = torch.randn(n, d)
         with SavedTensors() as saved:
             mlp(x)
-        measured[save_hidden] = _owned_bytes(saved, x, *mlp.parameters())
+        measured[save_hidden] = saved.owned_bytes(x, *mlp.parameters())
     assert measured[True] == 2 * n * h * 4
     assert measured[False] == n * h * 4
 

@@ -9,7 +9,6 @@ that scenario.
 """
 import contextlib
 import copy
-import importlib.util
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,8 @@ from torch.testing import assert_close
 
 import mlp_ext
 from mlp_ext.parallel import TensorParallelFusedMLP, run_local, shard_range, shard_sizes
+
+from helpers import load_module
 
 DTYPE = torch.float64
 D, Q = 5, 3  # in_features, out_features
@@ -239,9 +240,7 @@ def tradeoff_formulas_match_a_real_step(rank, world):
     """benchmarks/parallel_tradeoff.py's per-rank formulas (the largest rank)
     equal what a real step saves and communicates, uneven splits included."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_tradeoff.py"
-    spec = importlib.util.spec_from_file_location("parallel_tradeoff", path)
-    tradeoff = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tradeoff)
+    tradeoff = load_module("parallel_tradeoff", path)
     sizes = [("tiny", 12, 5, 7, 3), ("tiny, fewer hidden units than ranks", 10, 4, world - 1, 2)]
     measured = [None] * world
     dist.all_gather_object(measured, tradeoff._measure_rank(rank, world, sizes, "float64"))

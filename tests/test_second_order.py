@@ -16,6 +16,7 @@ import mlp_ext
 from mlp_ext import reference
 
 from conftest import make_inputs
+from helpers import SavedTensors
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
@@ -187,16 +188,10 @@ def test_differentiable_backward_only_with_create_graph():
 
 
 def _saved_bytes(fn):
-    """Bytes of the distinct storages that autograd saves while fn runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """fn(), and the bytes and the number of the distinct storages autograd saves while it runs."""
+    with SavedTensors() as saved:
         result = fn()
-    return result, sum(storages.values()), len(storages)
+    return result, saved.owned_bytes(), len(saved.storages())
 
 
 def _median_seconds(fn, repeats=15):

@@ -1,0 +1,45 @@
+"""Helpers the test files share (fixtures and make_inputs are in conftest.py)."""
+import importlib.util
+import sys
+
+import torch
+
+
+class SavedTensors:
+    """Every tensor autograd packs for backward while the block runs
+    (torch.autograd.graph.saved_tensors_hooks), in the order packed, kept alive here."""
+
+    def __init__(self):
+        self.tensors = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        self.tensors.append(t)
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    def storages(self):
+        """{data_ptr: nbytes} of the distinct storages: views of one buffer count once."""
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in self.tensors}
+
+    def owned_bytes(self, *references):
+        """Bytes of the saved storages that are not those of the given inputs / parameters
+        (which autograd only references): the activations the op allocated and keeps."""
+        referenced = {t.untyped_storage().data_ptr() for t in references if t is not None}
+        return sum(size for ptr, size in self.storages().items() if ptr not in referenced)
+
+
+def load_module(name, path):
+    """Imports the file at path (a script, not a package module) as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
