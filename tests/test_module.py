@@ -139,3 +139,17 @@ def test_module_state_dict_and_device_moves():
     torch.testing.assert_close(clone(x), mlp(x))
     mlp = mlp.double()
     assert mlp(x.double()).dtype == torch.float64
+
+
+def test_every_table_of_activations_covers_the_operators_list():
+    """The names come from the operator (csrc/activation.h); every Python table keyed
+    by them (modules, references, this file) has exactly those keys."""
+    from mlp_ext import modules
+
+    names = set(mlp_ext.ACTIVATIONS)
+    assert len(names) == len(mlp_ext.ACTIVATIONS) >= 7
+    assert set(modules._MODULES) == names
+    assert set(reference._PHI) == set(reference._PHI_DERIVATIVE) == names
+    assert set(SEQUENTIAL_ACTIVATIONS) == names
+    for name in names:  # and the module table round-trips through from_sequential's lookup
+        assert modules._activation_name(modules._MODULES[name]()) == name
