@@ -1,18 +1,185 @@
-"""Fake (meta) kernels of every registered op with tensors, for torch.compile and
-FakeTensor: fused_mlp_forward / _inference / _backward and fused_mlp_loss_forward /
-_backward (the composite fused_mlp and fused_mlp_loss trace through these).
+"""Fake (meta) kernels of every registered op with tensors, for torch.compile,
+torch.export and FakeTensor: fused_mlp_forward / _inference / _backward and
+fused_mlp_loss_forward / _backward (the composite fused_mlp and fused_mlp_loss
+trace through these).
 
-They compute output shapes only; the real kernels (csrc/) check arguments.
+Each checks its arguments by the rules of the real kernel (csrc/mlp.cpp
+check_forward_inputs / check_backward_inputs, csrc/loss.cpp), raising the same
+exception type with the same message, so that a bad call fails where it is made,
+traced or not (tests/test_errors.py checks that the two agree). They also run
+for real tensors mixed with meta tensors (the meta key wins the dispatch): the
+device checks make that an error instead of a silently wrong result.
 """
+import math
+
 import torch
+
+ACTIVATIONS = tuple(torch.ops.mlp_ext._activation_names())
+LOSSES = ("cross_entropy", "mse")
+REDUCTIONS = ("mean", "sum")
+
+# How c10 prints a ScalarType, so that the messages match the C++ ones.
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+_FLOATING = (torch.float32, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _name(dtype):
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype))
+
+
+def _sizes(t):
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _quoted(names):
+    return ", ".join(f'"{n}"' for n in names)
+
+
+def _number(value):
+    return f"{value:g}"  # as C++ streams a double
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'fused_mlp: unknown activation "{activation}"; expected one of '
+                         f"{_quoted(ACTIVATIONS)}")
+
+
+def _check_like(op, name, t, reference, reference_name):
+    if t.dtype != reference.dtype:
+        raise TypeError(f"{op}: expected {name} to have the dtype of {reference_name} "
+                        f"({_name(reference.dtype)}), but got {_name(t.dtype)}")
+    if t.device != reference.device:
+        raise RuntimeError(f"{op}: expected {name} on the device of {reference_name} "
+                           f"({reference.device}), but got {name} on {t.device}")
+
+
+def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay):
+    """csrc/mlp.cpp: parse_activation, then check_forward_inputs."""
+    _check_activation(activation)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError("fused_mlp: expected weight_decay to be a finite number >= 0, but got "
+                         f"{_number(weight_decay)}")
+    if x.dim() < 1:
+        raise RuntimeError("fused_mlp: expected x of shape (*, in_features) with at least 1 "
+                           "dimension, but got a 0-dim tensor")
+    # The CPU kernels take float32 / float64; CUDA (and a traced meta x) the half types too.
+    reduced = x.device.type != "cpu"
+    if not (x.dtype in _FLOATING or (reduced and x.dtype in _REDUCED)):
+        expected = ("float32, float64, float16 or bfloat16" if reduced
+                    else f"float32 or float64 on {x.device}")
+        raise TypeError(f"fused_mlp: expected x of a floating dtype ({expected}), but got "
+                        f"{_name(x.dtype)}")
+    if w1.dim() != 2:
+        raise RuntimeError("fused_mlp: expected w1 of shape (hidden_features, in_features), but "
+                           f"got w1.shape = {_sizes(w1)}")
+    if w2.dim() != 2:
+        raise RuntimeError("fused_mlp: expected w2 of shape (out_features, hidden_features), but "
+                           f"got w2.shape = {_sizes(w2)}")
+    if x.shape[-1] != w1.shape[1]:
+        raise RuntimeError(f"fused_mlp: x.shape[-1] = {x.shape[-1]} does not match in_features = "
+                           f"w1.shape[1] = {w1.shape[1]} (x.shape = {_sizes(x)}, w1.shape = "
+                           f"{_sizes(w1)})")
+    if w2.shape[1] != w1.shape[0]:
+        raise RuntimeError(f"fused_mlp: w2.shape[1] = {w2.shape[1]} does not match "
+                           f"hidden_features = w1.shape[0] = {w1.shape[0]} (w1.shape = "
+                           f"{_sizes(w1)}, w2.shape = {_sizes(w2)})")
+    _check_like("fused_mlp", "w1", w1, x, "x")
+    _check_like("fused_mlp", "w2", w2, x, "x")
+    for name, b, size, what in (("b1", b1, w1.shape[0], "hidden_features"),
+                                ("b2", b2, w2.shape[0], "out_features")):
+        if b is None:
+            continue
+        if b.dim() != 1 or b.shape[0] != size:
+            raise RuntimeError(f"fused_mlp: expected {name} of shape ({what},) = [{size}], but got "
+                               f"{name}.shape = {_sizes(b)}")
+        _check_like("fused_mlp", name, b, x, "x")
+
+
+def check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation):
+    """csrc/mlp.cpp: parse_activation, then check_backward_inputs."""
+    _check_activation(activation)
+    op = "fused_mlp_backward"
+    if not (w1.dim() == 2 and w2.dim() == 2 and w2.shape[1] == w1.shape[0]):
+        raise RuntimeError(f"{op}: expected w1 of shape (hidden_features, in_features) and w2 of "
+                           f"shape (out_features, hidden_features), but got w1.shape = "
+                           f"{_sizes(w1)}, w2.shape = {_sizes(w2)}")
+    d, hidden, q = w1.shape[1], w1.shape[0], w2.shape[0]
+    if not (z.dim() == 2 and z.shape[1] == hidden):
+        raise RuntimeError(f"{op}: expected z of shape (batch, hidden_features = {hidden}), but got "
+                           f"z.shape = {_sizes(z)}")
+    n = z.shape[0]
+    if h is not None and h.shape != z.shape:
+        raise RuntimeError(f"{op}: expected h of shape {_sizes(z)} (the shape of z), but got "
+                           f"h.shape = {_sizes(h)}")
+    if not (x.dim() >= 1 and x.shape[-1] == d and x.numel() == n * d):
+        raise RuntimeError(f"{op}: expected x of {n} rows of in_features = {d}, but got x.shape = "
+                           f"{_sizes(x)}")
+    if grad_o.numel() != n * q:
+        raise RuntimeError(f"{op}: expected grad_o with {n} x {q} elements, but got grad_o.shape = "
+                           f"{_sizes(grad_o)}")
+    if grad_s is not None and grad_s.numel() != 1:
+        raise RuntimeError(f"{op}: expected grad_s with one element, but got grad_s.shape = "
+                           f"{_sizes(grad_s)}")
+    for name, t in (("grad_o", grad_o), ("x", x), ("w1", w1), ("w2", w2), ("h", h)):
+        if t is not None:
+            _check_like(op, name, t, z, "z")
+
+
+def check_loss_inputs(x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction):
+    """csrc/loss.cpp fused_mlp_loss_forward: the loss's names, the forward's checks, the target."""
+    op = "fused_mlp_loss"
+    if loss not in LOSSES:
+        raise ValueError(f'{op}: unknown loss "{loss}"; expected one of {_quoted(LOSSES)}')
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'{op}: unknown reduction "{reduction}"; expected one of '
+                         f"{_quoted(REDUCTIONS)}")
+    check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay)
+    if target.device != x.device:
+        raise RuntimeError(f"{op}: expected target on the device of x ({x.device}), but got "
+                           f"target on {target.device}")
+    o_shape = [*x.shape[:-1], w2.shape[0]]
+    if loss == "cross_entropy" and not target.dtype.is_floating_point:
+        if target.dtype != torch.int64:
+            raise TypeError(f"{op}: expected target of dtype int64 (class indices) or "
+                            f"{_name(x.dtype)} (class probabilities, the dtype of x), but got "
+                            f"{_name(target.dtype)}")
+        expected = o_shape[:-1]
+        if list(target.shape) != expected:
+            raise RuntimeError(f"{op}: expected class-index target of shape "
+                               f"[{', '.join(map(str, expected))}] (the output's shape without "
+                               f"the class dimension), but got target.shape = {_sizes(target)}")
+        return
+    if target.dtype != x.dtype:
+        also = "; or int64 class indices" if loss == "cross_entropy" else ""
+        raise TypeError(f"{op}: expected target of dtype {_name(x.dtype)} (the dtype of x{also}), "
+                        f"but got {_name(target.dtype)}")
+    if list(target.shape) != o_shape:
+        what = "class-probability target" if loss == "cross_entropy" else "target"
+        raise RuntimeError(f"{op}: expected {what} of shape [{', '.join(map(str, o_shape))}] (the "
+                           f"output's shape), but got target.shape = {_sizes(target)}")
+
+
+def _backward_outputs(x, w1, w2, output_mask):
+    need_dx, need_dw1, need_dw2, need_db1, need_db2 = output_mask
+    return (
+        x.new_empty(x.shape) if need_dx else None,
+        w1.new_empty(w1.shape) if need_dw1 else None,
+        w2.new_empty(w2.shape) if need_dw2 else None,
+        w1.new_empty((w1.shape[0],)) if need_db1 else None,
+        w2.new_empty((w2.shape[0],)) if need_db2 else None,
+    )
 
 
 @torch.library.register_fake("mlp_ext::fused_mlp_forward")
 def _fused_mlp_forward_fake(x, w1, w2, b1, b2, activation, weight_decay):
-    torch._check(x.dim() >= 1, lambda: "fused_mlp: expected x with at least 1 dimension")
-    torch._check(w1.dim() == 2 and w2.dim() == 2, lambda: "fused_mlp: w1 and w2 must be 2-D")
-    torch._check(x.shape[-1] == w1.shape[1], lambda: "fused_mlp: x.shape[-1] != w1.shape[1]")
-    torch._check(w2.shape[1] == w1.shape[0], lambda: "fused_mlp: w2.shape[1] != w1.shape[0]")
+    check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay)
     n = _prod(x.shape[:-1])
     # new_empty: contiguous whatever the strides of x (empty_like would keep them).
     o = x.new_empty((*x.shape[:-1], w2.shape[0]))
@@ -30,31 +197,15 @@ def _fused_mlp_inference_fake(x, w1, w2, b1, b2, activation, weight_decay):
 
 @torch.library.register_fake("mlp_ext::fused_mlp_backward")
 def _fused_mlp_backward_fake(grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay, output_mask):
-    need_dx, need_dw1, need_dw2, need_db1, need_db2 = output_mask
-    return (
-        x.new_empty(x.shape) if need_dx else None,
-        w1.new_empty(w1.shape) if need_dw1 else None,
-        w2.new_empty(w2.shape) if need_dw2 else None,
-        w1.new_empty((w1.shape[0],)) if need_db1 else None,
-        w2.new_empty((w2.shape[0],)) if need_db2 else None,
-    )
+    check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation)
+    return _backward_outputs(x, w1, w2, output_mask)
 
 
 @torch.library.register_fake("mlp_ext::fused_mlp_loss_forward")
 def _fused_mlp_loss_forward_fake(x, target, w1, w2, b1, b2, activation, weight_decay, loss,
                                  reduction, keep_gradient):
-    torch._check(x.dim() >= 1, lambda: "fused_mlp_loss: expected x with at least 1 dimension")
-    torch._check(w1.dim() == 2 and w2.dim() == 2, lambda: "fused_mlp_loss: w1 and w2 must be 2-D")
-    torch._check(x.shape[-1] == w1.shape[1], lambda: "fused_mlp_loss: x.shape[-1] != w1.shape[1]")
-    torch._check(w2.shape[1] == w1.shape[0], lambda: "fused_mlp_loss: w2.shape[1] != w1.shape[0]")
-    torch._check(target.device == x.device,
-                 lambda: f"fused_mlp_loss: expected target on the device of x ({x.device}), "
-                         f"but got target on {target.device}")
+    check_loss_inputs(x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction)
     o_shape = (*x.shape[:-1], w2.shape[0])
-    expected = x.shape[:-1] if not target.dtype.is_floating_point else o_shape
-    torch._check(tuple(target.shape) == tuple(expected),
-                 lambda: f"fused_mlp_loss: expected target of shape {tuple(expected)}, "
-                         f"got {tuple(target.shape)}")
     n = _prod(x.shape[:-1])
     hidden = (n, w1.shape[0])
     dloss_do = x.new_empty((n, w2.shape[0]) if keep_gradient else (0,))
@@ -65,14 +216,10 @@ def _fused_mlp_loss_forward_fake(x, target, w1, w2, b1, b2, activation, weight_d
 @torch.library.register_fake("mlp_ext::fused_mlp_loss_backward")
 def _fused_mlp_loss_backward_fake(grad_J, grad_o, dloss_do, x, w1, w2, z, h, activation,
                                   weight_decay, output_mask):
-    need_dx, need_dw1, need_dw2, need_db1, need_db2 = output_mask
-    return (
-        x.new_empty(x.shape) if need_dx else None,
-        w1.new_empty(w1.shape) if need_dw1 else None,
-        w2.new_empty(w2.shape) if need_dw2 else None,
-        w1.new_empty((w1.shape[0],)) if need_db1 else None,
-        w2.new_empty((w2.shape[0],)) if need_db2 else None,
-    )
+    if grad_J is None and grad_o is None:
+        raise RuntimeError("fused_mlp_loss_backward: expected grad_J or grad_o, got neither")
+    check_backward_inputs(dloss_do, grad_J, x, w1, w2, z, h, activation)
+    return _backward_outputs(x, w1, w2, output_mask)
 
 
 def _prod(sizes):

@@ -1,4 +1,6 @@
-"""The functional entry point, fused_mlp."""
+"""The functional entry point, fused_mlp, and the argument-type checks of the
+Python entry points (the values are checked by the operator itself)."""
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -8,6 +10,30 @@ from torch import Tensor
 ACTIVATIONS = tuple(torch.ops.mlp_ext._activation_names())
 
 _fused_mlp = torch.ops.mlp_ext.fused_mlp.default
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def check_tensor(op: str, name: str, value, optional: bool = False) -> None:
+    """TypeError unless value is a Tensor (or None, where optional)."""
+    if not (isinstance(value, Tensor) or (optional and value is None)):
+        expected = "a Tensor or None" if optional else "a Tensor"
+        raise TypeError(f"{op}: expected {name} to be {expected}, but got {_type_name(value)}")
+
+
+def check_options(op: str, activation, weight_decay, save_hidden) -> None:
+    """TypeError for options of the wrong type: the op's schema would otherwise coerce
+    True or a one-element tensor to a float silently."""
+    if not isinstance(activation, str):
+        raise TypeError(f"{op}: expected activation to be a str, but got {_type_name(activation)}")
+    if not (type(weight_decay) in (float, int) or (
+            isinstance(weight_decay, numbers.Real) and not isinstance(weight_decay, bool))):
+        raise TypeError(f"{op}: expected weight_decay to be a real number, but got "
+                        f"{_type_name(weight_decay)}")
+    if not isinstance(save_hidden, bool):
+        raise TypeError(f"{op}: expected save_hidden to be a bool, but got {_type_name(save_hidden)}")
 
 
 def fused_mlp(
@@ -38,5 +64,11 @@ def fused_mlp(
         and the 0-dim s = weight_decay / 2 * (||w1||^2 + ||w2||^2). Both are
         differentiable; add s to the loss to train with weight decay.
     """
-    return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=weight_decay,
+    check_tensor("fused_mlp", "x", x)
+    check_tensor("fused_mlp", "w1", w1)
+    check_tensor("fused_mlp", "w2", w2)
+    check_tensor("fused_mlp", "b1", b1, optional=True)
+    check_tensor("fused_mlp", "b2", b2, optional=True)
+    check_options("fused_mlp", activation, weight_decay, save_hidden)
+    return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
                       save_hidden=save_hidden)

@@ -10,6 +10,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .functional import check_options, check_tensor
+
 LOSSES = ("cross_entropy", "mse")
 REDUCTIONS = ("mean", "sum")
 
@@ -51,7 +53,19 @@ def fused_mlp_loss(
     Returns:
         The 0-dim J = L + s, or (J, o) with ``return_output=True``.
     """
+    for name, value in (("x", x), ("target", target), ("w1", w1), ("w2", w2)):
+        check_tensor("fused_mlp_loss", name, value)
+    check_tensor("fused_mlp_loss", "b1", b1, optional=True)
+    check_tensor("fused_mlp_loss", "b2", b2, optional=True)
+    check_options("fused_mlp_loss", activation, weight_decay, save_hidden)
+    for name, value in (("loss", loss), ("reduction", reduction)):
+        if not isinstance(value, str):
+            raise TypeError(f"fused_mlp_loss: expected {name} to be a str, but got "
+                            f"{type(value).__name__}")
+    if not isinstance(return_output, bool):
+        raise TypeError("fused_mlp_loss: expected return_output to be a bool, but got "
+                        f"{type(return_output).__name__}")
     objective, o = _fused_mlp_loss(
-        x, target, w1, w2, b1, b2, activation=activation, weight_decay=weight_decay,
+        x, target, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
         loss=loss, reduction=reduction, save_hidden=save_hidden)
     return (objective, o) if return_output else objective

@@ -89,13 +89,27 @@ def memory_footprint(
     Backward additionally allocates, for its duration only, an n x h buffer
     for dJ/dH = dJ/dZ (and another for H when ``save_hidden=False``).
     """
-    n = batch if isinstance(batch, int) else math.prod(batch)
-    for name, value in (("batch", n), ("in_features", in_features),
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not (is_int(batch) or (isinstance(batch, (tuple, list, torch.Size))
+                              and all(is_int(b) for b in batch))):
+        raise TypeError(f"memory_footprint: expected batch to be an int or a sequence of ints, "
+                        f"got {batch!r}")
+    n = batch if is_int(batch) else math.prod(batch)
+    for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
+                        ("out_features", out_features)):
+        if not is_int(value):
+            raise TypeError(f"memory_footprint: expected {name} to be an int, got {value!r}")
+    for name, value in (("batch", batch), ("in_features", in_features),
                         ("hidden_features", hidden_features), ("out_features", out_features)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"memory_footprint: expected {name} to be an int >= 0, got {value!r}")
+        if any(v < 0 for v in (value if isinstance(value, (tuple, list, torch.Size)) else [value])):
+            raise ValueError(f"memory_footprint: expected {name} >= 0, got {value!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"memory_footprint: expected a floating torch.dtype, got {dtype!r}")
+    for name, value in (("bias", bias), ("training", training), ("save_hidden", save_hidden)):
+        if not isinstance(value, bool):
+            raise TypeError(f"memory_footprint: expected {name} to be a bool, got {value!r}")
     size = dtype.itemsize
     d, h, q = in_features, hidden_features, out_features
     parameters = (h * d + q * h + ((h + q) if bias else 0)) * size

@@ -1,10 +1,11 @@
 """FusedMLP: a drop-in for nn.Sequential(nn.Linear, activation, nn.Linear)."""
 import copy
+import math
 from typing import Tuple, Union
 
 from torch import Tensor, nn
 
-from .functional import ACTIVATIONS, fused_mlp
+from .functional import ACTIVATIONS, check_options, fused_mlp
 
 # Activation name <-> the nn module of a Sequential.
 _MODULES = {
@@ -73,10 +74,22 @@ class FusedMLP(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
+                            ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"FusedMLP: expected {name} to be an int, but got "
+                                f"{type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"FusedMLP: expected {name} >= 0, but got {value}")
+        for name, value in (("bias", bias), ("save_hidden", save_hidden)):
+            if not isinstance(value, bool):
+                raise TypeError(f"FusedMLP: expected {name} to be a bool, but got {type(value).__name__}")
+        check_options("FusedMLP", activation, weight_decay, save_hidden)
         if activation not in ACTIVATIONS:
             raise ValueError(f"FusedMLP: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-        if not (weight_decay >= 0 and weight_decay != float("inf")):
-            raise ValueError(f"FusedMLP: expected weight_decay to be a finite number >= 0, got {weight_decay}")
+        if not math.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(f"FusedMLP: expected weight_decay to be a finite number >= 0, but got "
+                             f"{weight_decay}")
         factory = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
