@@ -28,8 +28,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 
 # Tools; none of them depends on torch, so none can replace the one above.
-"$PY" -c "import ninja, pytest, numpy, matplotlib, tqdm, sklearn, graphviz" 2>/dev/null ||
-  pip_install ninja pytest numpy matplotlib tqdm scikit-learn graphviz setuptools wheel
+"$PY" -c "import ninja, pytest, hypothesis, numpy, matplotlib, tqdm, sklearn, graphviz" 2>/dev/null ||
+  pip_install ninja pytest hypothesis numpy matplotlib tqdm scikit-learn graphviz setuptools wheel
 
 # Graphviz's `dot` draws `python -m mlp_ext.graph` (tests/test_graph.py); installed only when missing.
 if ! command -v dot >/dev/null 2>&1; then

@@ -16,6 +16,33 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 import mlp_ext
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    settings = None
+
+if settings is not None:
+    # tests/test_properties.py. "ci" (the default): the same examples every run
+    # (derandomized), few enough for the whole file to run in about a minute
+    # on 2 cores. "long": a local search, `pytest tests/test_properties.py
+    # --hypothesis-profile=long`. No example database (it would write
+    # .hypothesis/ into the checkout); a failure prints its example and the
+    # @reproduce_failure blob that replays it.
+    settings.register_profile(
+        "ci", derandomize=True, max_examples=200, deadline=None, database=None,
+        print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile(
+        "long", max_examples=5000, deadline=None, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow])
+
+
+def pytest_configure(config):
+    # "ci" unless --hypothesis-profile names one (hypothesis's plugin loads that
+    # in its own pytest_configure, before or after this one: same result).
+    if settings is not None:
+        settings.load_profile(config.getoption("--hypothesis-profile", None) or "ci")
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
