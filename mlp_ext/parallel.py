@@ -18,6 +18,8 @@ trains exactly like one process on the concatenated batch (see the README).
 (loopback only), for trying either mode without a launcher and for the tests.
 """
 import datetime
+import faulthandler
+import gc
 import os
 import pickle
 import tempfile
@@ -309,12 +311,22 @@ class TensorParallelFusedMLP(nn.Module):
 
 def _run_rank(rank: int, fn, args, world_size: int, port: int, backend: str, timeout: float,
               threads: int, result_dir: str) -> None:
+    # A native crash (an abort in a C++ thread, a segfault) raises no Python
+    # exception: dump every thread's Python stack where run_local reports it.
+    crash_log = open(os.path.join(result_dir, f"rank{rank}.crash"), "w")
+    faulthandler.enable(crash_log, all_threads=True)
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     wait = datetime.timedelta(seconds=timeout)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=wait)
     outcome = {}
+
+    def all_ranks_at(step: str, block: bool) -> None:
+        store.set(f"{step}/{rank}", "1")
+        if block:
+            store.wait([f"{step}/{r}" for r in range(world_size)])
+
     try:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=wait)
         outcome["result"] = fn(rank, world_size, *args)
@@ -324,13 +336,21 @@ def _run_rank(rank: int, fn, args, world_size: int, port: int, backend: str, tim
     finally:
         with open(os.path.join(result_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(outcome, f)
-        # Leave together: a rank that exits while the others still talk to it
-        # breaks their connections. A failed rank leaves at once.
-        store.set(f"finished/{rank}", "1")
-        if "error" not in outcome:
-            store.wait([f"finished/{r}" for r in range(world_size)])
+        # The teardown is ordered so that no C++ thread of the process group
+        # outlives it: a rank that closes its sockets while a peer still talks
+        # to it, or a group (or a tensor queued on its worker threads) freed
+        # during interpreter shutdown, takes the process down with SIGABRT
+        # instead of an exception. A failed rank leaves at once.
+        ok = "error" not in outcome
+        all_ranks_at("finished", block=ok)
+        # Objects fn left in reference cycles (modules, autograd graphs,
+        # DDP's reducer) may hold the group or tensors: free them now, while
+        # the group and the interpreter are alive.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+        all_ranks_at("left", block=ok)
+        # faulthandler stays on (it holds crash_log) through interpreter shutdown.
 
 
 def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, backend: str = "gloo",
@@ -363,6 +383,16 @@ def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, b
                         found[rank] = pickle.load(f)
             return found
 
+        def crash_logs() -> str:
+            """The stacks faulthandler wrote for the ranks that crashed."""
+            logs = []
+            for rank in range(world_size):
+                path = os.path.join(result_dir, f"rank{rank}.crash")
+                if os.path.exists(path) and os.path.getsize(path):
+                    with open(path) as f:
+                        logs.append(f"rank {rank}:\n{f.read()}")
+            return "\n".join(logs) or "(no stack was written)"
+
         context = mp.start_processes(
             _run_rank, args=(fn, tuple(args), world_size, store.port, backend, timeout, threads, result_dir),
             nprocs=world_size, join=False, start_method="spawn")
@@ -376,7 +406,7 @@ def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, b
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             failed = sorted((o["time"], rank, o["error"]) for rank, o in outcomes().items() if "error" in o)
             if not failed:  # died without a Python exception (a signal, os._exit)
-                raise
+                raise RuntimeError(f"run_local: {name} on {world_size} processes: {exc}\n{crash_logs()}") from exc
             _, rank, error = failed[0]
             also = [r for _, r, _ in failed[1:]]
             raise RuntimeError(

@@ -9,6 +9,7 @@ that scenario.
 """
 import contextlib
 import copy
+import os
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -324,3 +325,16 @@ def fail_on_rank_1(rank, world):
 def test_run_local_reports_a_failing_rank():
     with pytest.raises(RuntimeError, match=r"(?s)failed on rank 1 of 2 first:.*rank 1 went wrong on purpose"):
         run_local(fail_on_rank_1, 2, timeout=60)
+
+
+def abort_on_rank_1(rank, world):
+    dist.barrier()
+    if rank == 1:
+        os.abort()  # a native crash: no Python exception reaches run_local
+    return rank
+
+
+def test_run_local_reports_a_native_crash_with_its_stack():
+    with pytest.raises(RuntimeError, match=r"(?s)abort_on_rank_1 on 2 processes: .*SIGABRT.*"
+                                           r"rank 1:.*in abort_on_rank_1"):
+        run_local(abort_on_rank_1, 2, timeout=60)
