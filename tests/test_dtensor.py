@@ -255,7 +255,7 @@ class Blocks(nn.Module):
         return o, penalty + s
 
 
-def train_like_one_process(model, ref, rank, world, steps, where, *, clip=None, tol=None, per_rank=3,
+def train_like_one_process(model, ref, rank, world, steps, where, *, clip=None, tol=None, per_rank=3, group=None,
                            make_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)):
     """`steps` optimizer steps of `model` (rank r on its slice of each batch, a
     mean loss plus s, as DDP/FSDP expect) against `ref` on the whole batch."""
@@ -274,7 +274,7 @@ def train_like_one_process(model, ref, rank, world, steps, where, *, clip=None, 
         J_ref = F.cross_entropy(o_ref, y) + s_ref
         J_ref.backward()
         J_mean = J.detach().clone()
-        dist.all_reduce(J_mean)
+        dist.all_reduce(J_mean, group=group)  # over the data-parallel ranks
         assert_close(J_mean / world, J_ref.detach(), msg=lambda m: f"{where}, step {step}: J\n{m}", **tol)
         if clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -397,7 +397,7 @@ def mesh_2d_trains_like_one_process(rank, world):
     fully_shard(model, mesh=mesh["dp"])
     assert model.blocks[0].fc1.weight.device_mesh.ndim == 2
     dp_rank = mesh["dp"].get_local_rank()
-    train_like_one_process(model, ref, dp_rank, 2, 3, "2-D mesh", per_rank=2,
+    train_like_one_process(model, ref, dp_rank, 2, 3, "2-D mesh", per_rank=2, group=mesh["dp"].get_group(),
                            make_optimizer=lambda p: torch.optim.Adam(p, lr=0.02))
 
 
