@@ -10,6 +10,8 @@ steps included. A scenario that fails stops its rank; its traceback is shown
 by the test of that scenario.
 """
 import copy
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -27,7 +29,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.testing import assert_close
 
 import mlp_ext
-from mlp_ext.parallel import run_local
+from mlp_ext.parallel import TensorParallelFusedMLP, run_local
 
 DTYPE = torch.float64
 D, Q = 5, 3  # in_features, out_features
@@ -138,6 +140,20 @@ def tp_plan_matches_single_process(rank, world):
             (c * o).sum().backward()
         assert all_reduces(forward) == 1 and all_reduces(backward) == 0, (
             where, forward.get_comm_counts(), backward.get_comm_counts())
+
+    # The explicit Megatron form (TensorParallelFusedMLP, raw collectives) and
+    # the DTensor plan compute the same split: equal o, s and shard gradients.
+    ref = make_mlp(8, 6, activation="relu", weight_decay=0.1)
+    explicit = TensorParallelFusedMLP.from_fused(ref)
+    tp = parallelize_module(copy.deepcopy(ref), mesh, TP_PLAN)
+    x = randn(8, 4, D)
+    outputs = [m(x, return_penalty=True) for m in (explicit, tp)]
+    for (o, s), m in zip(outputs, (explicit, tp)):
+        (o.square().sum() + s).backward()
+    assert_close(outputs[0][0], outputs[1][0])
+    assert_close(outputs[0][1], outputs[1][1])
+    for (name, p), q in zip(explicit.named_parameters(), tp.parameters()):
+        assert_close(p.grad, q.grad.to_local(), msg=lambda m: f"explicit against DTensor: {name}\n{m}")
 
     # Inference (no autograd): the inference op's rules.
     ref = make_mlp(9, 6, weight_decay=0.2)
@@ -458,3 +474,35 @@ def test_two_ranks(world2, scenario):
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS[4]])
 def test_2d_mesh_four_ranks(world4, scenario):
     check(world4, scenario)
+
+
+def test_plain_tensors_never_import_dtensor():
+    """`import mlp_ext` and FusedMLP / fused_mlp on plain tensors neither import
+    torch.distributed.tensor nor register the rules (registration is lazy:
+    the first DTensor call, or `import mlp_ext.parallel`)."""
+    code = (
+        "import sys, torch, mlp_ext\n"
+        "mlp = mlp_ext.FusedMLP(3, 4, 2, weight_decay=0.1)\n"
+        "o, s = mlp(torch.randn(5, 3, requires_grad=True), return_penalty=True)\n"
+        "(o.sum() + s).backward()\n"
+        "mlp_ext.fused_mlp_loss(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1]), mlp.fc1.weight, mlp.fc2.weight)\n"
+        "assert 'torch.distributed.tensor' not in sys.modules, 'imported torch.distributed.tensor'\n"
+        "assert 'mlp_ext._dtensor' not in sys.modules, 'imported mlp_ext._dtensor'\n"
+        "import mlp_ext.parallel, mlp_ext._dtensor\n"
+        "assert mlp_ext._dtensor._registered, 'import mlp_ext.parallel must register the rules'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_every_tensor_of_every_op_has_a_placement():
+    """The rules table covers each op's schema (names read from csrc/ops.cpp's
+    schemas): a tensor argument or output added to an op without a placement
+    in every strategy fails here, by name, not on a user's first DTensor call."""
+    from mlp_ext import _dtensor
+
+    for op_name, keys in _dtensor.OP_STRATEGIES.items():
+        schema = getattr(torch.ops.mlp_ext, op_name).default._schema
+        tensors = [a.name for a in schema.arguments if _dtensor._is_tensor_type(a.type)]
+        tensors += [r.name for r in schema.returns]
+        for key in keys:
+            missing = [n for n in tensors if n not in _dtensor.STRATEGIES[key]]
+            assert not missing, f"{op_name}: strategy {key!r} has no placement for {missing}"
