@@ -78,3 +78,20 @@ def test_micro_batches_save_a_share_of_the_activations():
     micro = mlp_ext.memory_footprint(256, 784, 256, 10, dtype=torch.float32)
     assert micro.saved_activations * 4 == whole.saved_activations
     assert micro.parameters == whole.parameters and micro.gradients == whole.gradients
+
+
+def test_batch_size_benchmark_runs(tmp_path):
+    """benchmarks/batch_size.py --quick (a smoke run of the exercise 5(b) script)
+    writes its JSON and plot; its FLOP count is the step's matrix products."""
+    from pathlib import Path
+
+    from helpers import load_module
+
+    script = load_module("batch_size", Path(__file__).resolve().parents[1] / "benchmarks" / "batch_size.py")
+    # forward 2n(dh + hq); backward dW2, G_H: 2nqh each; dW1: 2nhd (no dx)
+    assert script.flops_per_step(3, d=5, h=7, q=2) == 2 * 3 * (35 + 14) + 2 * 3 * (2 * 14 + 35)
+    result = script.main(["--quick", "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    assert (tmp_path / "r.json").stat().st_size > 0 and (tmp_path / "r.png").stat().st_size > 0
+    assert [r["batch"] for r in result["efficiency"]] == [1, 16, 256]
+    assert all(r["gflops"] > 0 for r in result["efficiency"])
+    assert all(c["examples"] >= 1437 for c in result["digits"])
