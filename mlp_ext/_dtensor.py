@@ -13,7 +13,7 @@ mlp_ext.parallel``; ``import mlp_ext`` never imports torch.distributed, which is
 slow to import and absent on some builds.
 """
 import threading
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -56,7 +56,10 @@ STRATEGIES: Dict[str, Dict[str, object]] = {
     # partial sums over examples. s is the same on every rank (Replicate), so
     # its gradient must enter the partial weight gradients once in all:
     # grad_s is Partial (a Replicate g_s becomes g_s/n on each rank), so the
-    # sum over ranks holds g_s lambda W exactly once.
+    # sum over ranks holds g_s lambda W exactly once. (z and h are (n, hidden)
+    # with x's leading dimensions flattened: for an x of more than 2 dimensions
+    # their Shard(0) matches x's only when x.shape[0] divides evenly; they are
+    # only handed to the backward op, never redistributed.)
     "batch": dict(
         x=Shard(0), w1=R, w2=R, b1=R, b2=R,
         o=Shard(0), s=R, z=Shard(0), h=Shard(0),
