@@ -177,9 +177,11 @@ def register() -> None:
             # argument on; these ops have none). But output_mask decides which
             # outputs exist (a decision cached for one mask breaks the next call
             # with another), so key on all of them, from the first non-tensor one.
+            # (op_to_schema_info is where register_sharding itself puts it, on
+            # torch 2.11 and 2.13.)
             first_static = next(i for i, t in enumerate(tensor_args) if not t)
-            DTensor._op_dispatcher.sharding_propagator.op_to_schema_info[op] = RuntimeSchemaInfo(
-                static_argnum=first_static, needs_pytree=True)
+            propagator = DTensor._op_dispatcher.sharding_propagator
+            propagator.op_to_schema_info[op] = RuntimeSchemaInfo(static_argnum=first_static, needs_pytree=True)
         _registered = True
 
 
