@@ -1,15 +1,32 @@
 """The functional entry point, fused_mlp, and the argument-type checks of the
 Python entry points (the values are checked by the operator itself)."""
 import numbers
+import sys
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 # The names the operator takes, from its one list (csrc/activation.h).
 ACTIVATIONS = tuple(torch.ops.mlp_ext._activation_names())
 
 _fused_mlp = torch.ops.mlp_ext.fused_mlp.default
+
+
+def is_dtensor(t) -> bool:
+    """Whether t is a DTensor, without importing torch.distributed (slow to
+    import, absent on some builds): a DTensor exists only once it is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def register_dtensor_rules(t) -> None:
+    """Registers the ops' DTensor sharding rules (mlp_ext/_dtensor.py) the first
+    time a DTensor reaches an entry point: cheap after the first call."""
+    if is_dtensor(t):
+        from ._dtensor import register
+        register()
 
 
 def _type_name(value) -> str:
@@ -70,5 +87,7 @@ def fused_mlp(
     check_tensor("fused_mlp", "b1", b1, optional=True)
     check_tensor("fused_mlp", "b2", b2, optional=True)
     check_options("fused_mlp", activation, weight_decay, save_hidden)
+    if type(w1) is not Tensor and type(w1) is not Parameter:
+        register_dtensor_rules(w1)
     return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
                       save_hidden=save_hidden)

@@ -9,8 +9,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
-from .functional import check_options, check_tensor
+from .functional import check_options, check_tensor, register_dtensor_rules
 
 LOSSES = ("cross_entropy", "mse")
 REDUCTIONS = ("mean", "sum")
@@ -65,6 +66,8 @@ def fused_mlp_loss(
     if not isinstance(return_output, bool):
         raise TypeError("fused_mlp_loss: expected return_output to be a bool, but got "
                         f"{type(return_output).__name__}")
+    if type(w1) is not Tensor and type(w1) is not Parameter:
+        register_dtensor_rules(w1)
     objective, o = _fused_mlp_loss(
         x, target, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
         loss=loss, reduction=reduction, save_hidden=save_hidden)

@@ -4,8 +4,9 @@ import math
 from typing import Tuple, Union
 
 from torch import Tensor, nn
+from torch.nn import Parameter
 
-from .functional import ACTIVATIONS, check_options, fused_mlp
+from .functional import ACTIVATIONS, check_options, fused_mlp, is_dtensor
 
 # Activation name <-> the nn module of a Sequential.
 _MODULES = {
@@ -111,8 +112,14 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: Tensor, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         fc1, fc2 = self._modules["fc1"], self._modules["fc2"]
+        w1 = _attribute(fc1, "weight")
+        if type(w1) is not Parameter and type(w1) is not Tensor and is_dtensor(w1):
+            # Tensor parallel (parallelize_module): DTensor weights (mlp_ext/_dtensor.py).
+            from ._dtensor import fused_mlp_module_forward
+            return fused_mlp_module_forward(self, x, w1, _attribute(fc2, "weight"), _attribute(fc1, "bias"),
+                                            _attribute(fc2, "bias"), return_penalty)
         # Without return_penalty s is dropped: let the op skip computing it.
-        o, s = fused_mlp(x, _attribute(fc1, "weight"), _attribute(fc2, "weight"),
+        o, s = fused_mlp(x, w1, _attribute(fc2, "weight"),
                          _attribute(fc1, "bias"), _attribute(fc2, "bias"),
                          activation=self.activation,
                          weight_decay=self.weight_decay if return_penalty else 0.0,

@@ -14,6 +14,17 @@ for the input gradient dX = sum_r G_Z,r W1_r, which takes one all_reduce.
 Data parallel needs nothing from this module: ``DistributedDataParallel(FusedMLP(...))``
 trains exactly like one process on the concatenated batch (see the README).
 
+PyTorch's own tensor parallelism works on FusedMLP unchanged too:
+``parallelize_module(mlp, mesh, {"fc1": ColwiseParallel(), "fc2":
+RowwiseParallel()})`` makes the weights DTensors, and the ops' sharding rules
+(mlp_ext/_dtensor.py, registered when this module is imported or on the first
+DTensor call) let DTensor run the same split; FSDP2's ``fully_shard`` needs
+nothing. TensorParallelFusedMLP stays as the explicit form of the split on a
+process group, for what DTensor cannot do: ranks holding no hidden units
+(tensor_split sizes; DTensor's chunk layout needs hidden >= ranks) and o and s
+reduced in one all_reduce (DTensor reduces each Partial output on its own).
+See docs/parallel.md for which to use when.
+
 ``run_local`` starts a process group of spawned processes on this machine
 (loopback only), for trying either mode without a launcher and for the tests.
 """
@@ -32,8 +43,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from . import _dtensor
 from .functional import fused_mlp
 from .modules import FusedMLP
+
+# DTensor's sharding rules for the ops: whoever imports this module is about to
+# go distributed (registering costs nothing at call time afterwards).
+_dtensor.register()
 
 __all__ = [
     "TensorParallelFusedMLP",
