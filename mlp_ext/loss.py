@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .functional import check_options, check_tensor
+from .functional import check_dropout, check_options, check_tensor
 
 LOSSES = ("cross_entropy", "mse")
 REDUCTIONS = ("mean", "sum")
@@ -32,12 +32,14 @@ def fused_mlp_loss(
     reduction: str = "mean",
     return_output: bool = False,
     save_hidden: bool = True,
+    dropout: float = 0.0,
+    training: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """J = L(o, target) + s for o, s = fused_mlp(x, w1, w2, b1, b2), as one fused operator.
 
     Args:
-        x, w1, w2, b1, b2, activation, weight_decay, save_hidden: as for
-            ``mlp_ext.fused_mlp``.
+        x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout,
+            training: as for ``mlp_ext.fused_mlp``.
         target: for ``loss="cross_entropy"`` class indices (int64, of shape
             ``x.shape[:-1]``) or class probabilities (x's dtype, of o's shape
             ``(*x.shape[:-1], out_features)``); the classes are o's last
@@ -58,6 +60,7 @@ def fused_mlp_loss(
     check_tensor("fused_mlp_loss", "b1", b1, optional=True)
     check_tensor("fused_mlp_loss", "b2", b2, optional=True)
     check_options("fused_mlp_loss", activation, weight_decay, save_hidden)
+    check_dropout("fused_mlp_loss", dropout, training)
     for name, value in (("loss", loss), ("reduction", reduction)):
         if not isinstance(value, str):
             raise TypeError(f"fused_mlp_loss: expected {name} to be a str, but got "
@@ -67,5 +70,6 @@ def fused_mlp_loss(
                         f"{type(return_output).__name__}")
     objective, o = _fused_mlp_loss(
         x, target, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
-        loss=loss, reduction=reduction, save_hidden=save_hidden)
+        loss=loss, reduction=reduction, save_hidden=save_hidden,
+        dropout=float(dropout) if training else 0.0)
     return (objective, o) if return_output else objective
