@@ -417,3 +417,29 @@ def test_cuda_mask_is_philox_from_the_cuda_generator():
             u = np.float32(np.float32(word) * inv + inv / np.float32(2))
             if abs(float(u) - (1 - P)) > 1e-6:  # (an FMA may round the last bit otherwise)
                 assert bool(mask[i]) == (u < np.float32(1 - P)), (draw, i)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("save_hidden", [True, False])
+def test_cuda_half_types_against_the_float64_reference_given_the_mask(dtype, save_hidden):
+    """Float16 / bfloat16 / float32 on CUDA: o and every gradient near the float64
+    reference given the op's mask; save_hidden=False bitwise the same as True."""
+    inputs = make_inputs(n=64, d=32, h=48, q=16, dtype=dtype, device="cuda")
+    params = [t for t in inputs if t is not None]
+    mask = _mask(inputs)
+    grad_o = torch.randn(64, 16, device="cuda").to(dtype)
+    results = []
+    for sh in (True, False):
+        o, _ = _seeded(mlp_ext.fused_mlp, SEED, "cuda")(*inputs, dropout=P, save_hidden=sh)
+        results.append((o, torch.autograd.grad(o, params, grad_o)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    o_ref, _ = reference.fused_mlp(*wide, dropout=P, dropout_mask=mask)
+    refs = torch.autograd.grad(o_ref, wide, grad_o.double())
+    tol = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}[dtype]
+    o, grads = results[0] if save_hidden else results[1]
+    for mine, ref in zip((o, *grads), (o_ref, *refs)):
+        err = (mine.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err <= tol, (dtype, err)
