@@ -101,11 +101,16 @@ class Side:
     forward: Callable[[Tensor], Tensor]
     with_penalty: Callable[[Tensor], Tuple[Tensor, Tensor]]
     params: List[Tensor]  # w1, b1, w2, b2
+    module: Optional[nn.Module] = None  # for train() / eval()
 
 
-def make_sequential(shape, dtype, activation, device) -> nn.Sequential:
+def make_sequential(shape, dtype, activation, device, dropout: float = 0.0) -> nn.Sequential:
+    """Linear, activation, [Dropout(dropout) when > 0,] Linear."""
     _, d, h, q = shape
-    seq = nn.Sequential(nn.Linear(d, h), ACTIVATION_MODULES[activation](), nn.Linear(h, q))
+    layers = [nn.Linear(d, h), ACTIVATION_MODULES[activation]()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    seq = nn.Sequential(*layers, nn.Linear(h, q))
     return seq.to(device=device, dtype=dtype)
 
 
@@ -114,20 +119,21 @@ def make_sides(seq: nn.Sequential, weight_decay: float, compile_eager: bool = Fa
     weights ("fused") and, if asked, torch.compile of another copy of seq."""
 
     def linear_side(name, module, layers):
-        w1, w2 = layers[0].weight, layers[2].weight
+        w1, w2 = layers[0].weight, layers[-1].weight
 
         def with_penalty(x):
             # The usual way to add L2 regularization to the loss.
             return module(x), weight_decay / 2 * (w1.square().sum() + w2.square().sum())
 
-        params = [layers[0].weight, layers[0].bias, layers[2].weight, layers[2].bias]
-        return Side(name, module, with_penalty, params)
+        params = [layers[0].weight, layers[0].bias, layers[-1].weight, layers[-1].bias]
+        return Side(name, module, with_penalty, params, module)
 
+    # (An nn.Dropout in seq becomes the fused module's dropout.)
     fused = FusedMLP.from_sequential(seq, weight_decay=weight_decay, copy_weights=True)
     sides = [
         linear_side("eager", seq, seq),
         Side("fused", fused, lambda x: fused(x, return_penalty=True),
-             [fused.fc1.weight, fused.fc1.bias, fused.fc2.weight, fused.fc2.bias]),
+             [fused.fc1.weight, fused.fc1.bias, fused.fc2.weight, fused.fc2.bias], fused),
     ]
     if compile_eager:
         twin = copy.deepcopy(seq)
@@ -229,15 +235,30 @@ def check_close(what: str, actual: Tensor, expected: Tensor, tol: float) -> None
             f"(largest element difference {(a - e).abs().max().item():.3g})")
 
 
-def verify(sides: Sequence[Side], x: Tensor, y: Tensor) -> None:
-    """Outputs, s, loss and all four gradients of every side equal the first side's."""
+def verify(sides: Sequence[Side], x: Tensor, y: Tensor, eval_mode: bool = False,
+           seed: int = 0) -> None:
+    """Outputs, s, loss and all four gradients of every side equal the first side's.
+
+    With dropout in the MLP: eval_mode=True verifies with dropout off (every side
+    in eval mode); otherwise each side's calls start from the same seed, which
+    gives the fused side nn.Dropout's masks on CPU (bernoulli_ from the CPU
+    generator, drawn in the same order)."""
     tol = tolerance(x.dtype)
     results = []
     for side in sides:
-        with torch.no_grad():
-            o_inference = side.forward(x)
-        loss = train_step(side, x, y)()
-        o, s = side.with_penalty(x)
+        if eval_mode and side.module is not None:
+            side.module.eval()
+        try:
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                o_inference = side.forward(x)
+            torch.manual_seed(seed + 1)
+            loss = train_step(side, x, y)()
+            torch.manual_seed(seed + 1)
+            o, s = side.with_penalty(x)
+        finally:
+            if side.module is not None:
+                side.module.train()
         results.append((o_inference, o, s, loss, [p.grad for p in side.params]))
     ref_name = sides[0].name
     for side, result in zip(sides[1:], results[1:]):
@@ -329,14 +350,20 @@ def flops(shape, mode) -> int:
 def run_case(shape, dtype_name, activation, args, clock, generator, progress) -> List[dict]:
     device, dtype = torch.device(args.device), DTYPES[dtype_name]
     torch.manual_seed(args.seed)
-    seq = make_sequential(shape, dtype, activation, device)
+    seq = make_sequential(shape, dtype, activation, device, args.dropout)
     x, y = make_batch(shape, dtype, device, generator)
     # Before anything is timed: the math, on float64 copies of the same weights
-    # and batch (tight), then the sides that are timed, in their dtype.
-    verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y)
+    # and batch (tight), then the sides that are timed, in their dtype. With
+    # dropout: the math with dropout off, and on CPU (where the fused side draws
+    # nn.Dropout's masks) eager against fused in training mode too.
+    dropout = args.dropout > 0
+    verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y,
+           eval_mode=dropout)
+    if dropout and device.type == "cpu":
+        verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y)
     sides = make_sides(seq, args.weight_decay, args.compile and (
         args.compile_shapes is None or tuple(shape) in args.compile_shapes))
-    verify(sides, x, y)
+    verify(sides, x, y, eval_mode=dropout)
 
     results = []
     for mode in MODES:
@@ -481,6 +508,7 @@ def machine_info(device: torch.device, args) -> dict:
         "mkldnn_enabled": torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "weight_decay": args.weight_decay,
+        "dropout": args.dropout,
         "rounds": args.rounds,
         "block_seconds": args.block_seconds,
         "compile": args.compile,
@@ -559,6 +587,10 @@ def parse_args(argv=None):
     p.add_argument("--block-seconds", type=float,
                    help="length of one side's timed block in a round (default 0.05 s; 0.005 with --quick)")
     p.add_argument("--weight-decay", type=float, default=1e-3, help="lambda of the L2 term s")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="hidden-layer dropout p: nn.Dropout(p) between the activation and the "
+                        "second Linear on the eager side, FusedMLP(dropout=p) on the fused side "
+                        "(both in training mode, so inference draws masks too; default 0)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--tf32", choices=("on", "off"), default="off",
                    help="CUDA: allow TF32 in float32 matrix products (set for both sides alike)")
@@ -596,6 +628,8 @@ def parse_args(argv=None):
         p.error("--device cuda: this torch sees no CUDA device")
     if device.type not in ("cpu", "cuda"):
         p.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout: expected a probability in [0, 1), got {args.dropout:g}")
     if args.rounds < 1 or args.block_seconds <= 0:
         p.error("--rounds must be >= 1 and --block-seconds > 0")
     if args.stem is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.stem):
@@ -635,7 +669,8 @@ def main(argv=None) -> dict:
     settings = (f"{meta['device']}" + (f" ({meta['gpu']}, CUDA {meta['cuda']}, TF32 {args.tf32})"
                                         if device.type == "cuda" else f" ({meta['cpu']})")
                 + f", torch {meta['torch']}, {meta['threads']} threads, {meta['date']}; "
-                f"medians of {args.rounds} interleaved rounds; weight decay {args.weight_decay:g}")
+                f"medians of {args.rounds} interleaved rounds; weight decay {args.weight_decay:g}"
+                + (f"; dropout {args.dropout:g}" if args.dropout else ""))
     if "load_average_at_start" in meta:
         settings += ("; load average {:.2f} at start, {:.2f} at end".format(
             meta["load_average_at_start"][0], meta["load_average_at_end"][0]))

@@ -73,8 +73,16 @@ Tensor activation_op(const Tensor& z, Activation act) {
   TORCH_INTERNAL_ASSERT(false, "unreachable");
 }
 
+// The dropout factor D = mask / (1 - p) (0 where dropped; 0 everywhere for p = 1)
+// in dtype, a constant of the recomputed forward; undefined without a mask.
+Tensor dropout_factor(const Tensor& mask, double dropout, at::ScalarType dtype) {
+  return mask.defined() ? mask.to(dtype).mul_(dropout_scale(dropout)) : Tensor();
+}
+
 // o and s of fused_mlp from differentiable ATen ops (what create_graph
-// differentiates). s is undefined when weight_decay is 0: nothing depends on it.
+// differentiates), with the forward's dropout factor D (if defined) applied to
+// h as a constant: the mask is fixed, only phi(z) is differentiated. s is
+// undefined when weight_decay is 0: nothing depends on it.
 std::tuple<Tensor, Tensor> recompute_forward(
     const Tensor& x,
     const Tensor& w1,
@@ -82,12 +90,17 @@ std::tuple<Tensor, Tensor> recompute_forward(
     const Tensor& b1,
     const Tensor& b2,
     std::string_view activation,
-    double weight_decay) {
+    double weight_decay,
+    const Tensor& dropout_d) {
   Tensor z = at::matmul(x, w1.t());
   if (b1.defined()) {
     z = z + b1;
   }
-  Tensor o = at::matmul(activation_op(z, parse_activation(activation)), w2.t());
+  Tensor hidden = activation_op(z, parse_activation(activation));
+  if (dropout_d.defined()) {
+    hidden = hidden * dropout_d.view(z.sizes());
+  }
+  Tensor o = at::matmul(hidden, w2.t());
   if (b2.defined()) {
     o = o + b2;
   }
@@ -135,8 +148,9 @@ BackwardResult differentiable_gradients(
 
 // Saved for backward: x, w1, w2, b1 (if given; read only for second
 // derivatives), and the intermediates z and h of the forward (z only when
-// save_hidden is false: the backward then recomputes h = phi(z)). Not b2: no
-// derivative reads it.
+// save_hidden is false: the backward then recomputes h = phi(z)), and with
+// dropout > 0 the bool mask (one byte per hidden unit; h is saved with the mask
+// already applied, which is what dW2 reads). Not b2: no derivative reads it.
 class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
  public:
   static variable_list forward(
@@ -148,14 +162,19 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       const std::optional<Tensor>& b2,
       c10::string_view activation,
       double weight_decay,
-      bool save_hidden) {
+      bool save_hidden,
+      double dropout) {
     // Function::apply turns grad mode off but leaves the autograd keys on: skip
     // them, or the call would go through the (boxed) autograd fallback.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
-    ctx->save_for_backward({x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor()});
+    auto [o, s, z, h, mask] =
+        forward_op().call(x, w1, w2, b1, b2, activation, weight_decay, dropout);
+    ctx->save_for_backward(
+        {x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor(),
+         dropout > 0 ? mask : Tensor()});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["weight_decay"] = weight_decay;
+    ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["has_b2"] = b2.has_value();
     ctx->set_materialize_grads(false);
     return {o, s};
@@ -164,20 +183,23 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &b1 = saved[3];
-    const Tensor &z = saved[4], &h = saved[5];
+    const Tensor &z = saved[4], &h = saved[5], &dropout_mask = saved[6];
     const std::string& activation = ctx->saved_data["activation"].toStringRef();
     const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
+    const double dropout = ctx->saved_data["dropout"].toDouble();
     const Tensor &grad_o = grads[0], &grad_s = grads[1];
     const GradientMask mask =
         gradient_mask(ctx, 0, 1, b1.defined(), ctx->saved_data["has_b2"].toBool());
-    variable_list result(8);  // one per forward argument
+    variable_list result(9);  // one per forward argument
     if (!any(mask) || (!grad_o.defined() && !grad_s.defined())) {
       return result;
     }
     Tensor dx, dw1, dw2, db1, db2;
     if (at::GradMode::is_enabled()) {
       // o without b2 (it shifts o only); db2 = the row sums of grad_o.
-      const auto [o, s] = recompute_forward(x, w1, w2, b1, Tensor(), activation, weight_decay);
+      const auto [o, s] = recompute_forward(
+          x, w1, w2, b1, Tensor(), activation, weight_decay,
+          dropout_factor(dropout_mask, dropout, x.scalar_type()));
       GradientMask without_b2 = mask;
       without_b2[kB2] = false;
       std::tie(dx, dw1, dw2, db1, std::ignore) = differentiable_gradients(
@@ -190,7 +212,8 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       // the device kernel instead of through the (boxed) autograd fallback.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(dx, dw1, dw2, db1, db2) = backward_op().call(
-          grad_o, optional(grad_s), x, w1, w2, z, optional(h), activation, weight_decay, mask);
+          grad_o, optional(grad_s), x, w1, w2, z, optional(h), activation, weight_decay, mask,
+          optional(dropout_mask), dropout);
     } else if (weight_decay != 0) {
       // Only s reached the loss: its gradient g_s * weight_decay * W.
       dw1 = mask[kW1] ? w1 * (grad_s * weight_decay) : Tensor();
@@ -209,21 +232,23 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
     const std::optional<Tensor>& b2,
     c10::string_view activation,
     double weight_decay,
-    bool save_hidden) {
+    bool save_hidden,
+    double dropout) {
   const std::optional<Tensor> ox(x), ow1(w1), ow2(w2);
   if (!needs_autograd({&ox, &ow1, &ow2, &b1, &b2})) {
-    // Inference: no autograd node to build, nothing to save.
+    // No autograd node to build, nothing to save (with dropout > 0 a mask is
+    // still drawn and applied: dropout under no_grad in training mode, as F.dropout).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return inference_op().call(x, w1, w2, b1, b2, activation, weight_decay);
+    return inference_op().call(x, w1, w2, b1, b2, activation, weight_decay, dropout);
   }
-  auto outputs =
-      FusedMLPFunction::apply(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
+  auto outputs = FusedMLPFunction::apply(
+      x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout);
   return {outputs[0], outputs[1]};
 }
 
 // Saved for backward: dL/do, x, w1, w2, b1 (if given), z and h (h only with
-// save_hidden); target and b2 too, read only for second derivatives. o is not
-// saved: dL/do replaces it.
+// save_hidden); target and b2 too, read only for second derivatives; the dropout
+// mask with dropout > 0. o is not saved: dL/do replaces it.
 class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFunction> {
  public:
   static variable_list forward(
@@ -238,15 +263,17 @@ class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFuncti
       double weight_decay,
       c10::string_view loss,
       c10::string_view reduction,
-      bool save_hidden) {
-    auto [objective, o, dloss_do, z, h] = loss_forward_op().call(
+      bool save_hidden,
+      double dropout) {
+    auto [objective, o, dloss_do, z, h, mask] = loss_forward_op().call(
         x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
-        /*keep_gradient=*/true);
+        /*keep_gradient=*/true, dropout);
     ctx->save_for_backward(
         {dloss_do, x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor(), target,
-         b2.value_or(Tensor())});
+         b2.value_or(Tensor()), dropout > 0 ? mask : Tensor()});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["weight_decay"] = weight_decay;
+    ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["loss"] = std::string(loss);
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->set_materialize_grads(false);
@@ -257,18 +284,21 @@ class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFuncti
     const auto saved = ctx->get_saved_variables();
     const Tensor &dloss_do = saved[0], &x = saved[1], &w1 = saved[2], &w2 = saved[3];
     const Tensor &b1 = saved[4], &z = saved[5], &h = saved[6], &target = saved[7];
-    const Tensor& b2 = saved[8];
+    const Tensor &b2 = saved[8], &dropout_mask = saved[9];
     const std::string& activation = ctx->saved_data["activation"].toStringRef();
     const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
+    const double dropout = ctx->saved_data["dropout"].toDouble();
     const Tensor &grad_J = grads[0], &grad_o = grads[1];
     const GradientMask mask = gradient_mask(ctx, 0, 2, b1.defined(), b2.defined());
-    variable_list result(11);  // one per forward argument (target gets none)
+    variable_list result(12);  // one per forward argument (target gets none)
     if (!any(mask) || (!grad_J.defined() && !grad_o.defined())) {
       return result;
     }
     Tensor dx, dw1, dw2, db1, db2;
     if (at::GradMode::is_enabled()) {
-      const auto [o, s] = recompute_forward(x, w1, w2, b1, b2, activation, weight_decay);
+      const auto [o, s] = recompute_forward(
+          x, w1, w2, b1, b2, activation, weight_decay,
+          dropout_factor(dropout_mask, dropout, x.scalar_type()));
       Tensor objective = differentiable_loss(
           o, target, ctx->saved_data["loss"].toStringRef(),
           ctx->saved_data["reduction"].toStringRef());
@@ -280,7 +310,7 @@ class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFuncti
     } else {
       std::tie(dx, dw1, dw2, db1, db2) = loss_backward_op().call(
           optional(grad_J), optional(grad_o), dloss_do, x, w1, w2, z, optional(h), activation,
-          weight_decay, mask);
+          weight_decay, mask, optional(dropout_mask), dropout);
     }
     result[0] = dx, result[2] = dw1, result[3] = dw2, result[4] = db1, result[5] = db2;
     return result;
@@ -298,7 +328,8 @@ std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
     double weight_decay,
     c10::string_view loss,
     c10::string_view reduction,
-    bool save_hidden) {
+    bool save_hidden,
+    double dropout) {
   // Checked before dispatch too: a target on another device would otherwise pick the kernel.
   TORCH_CHECK(
       target.device() == x.device(), "fused_mlp_loss: expected target on the device of x (",
@@ -312,11 +343,12 @@ std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
     // No gradient to come (evaluation): the forward op alone, without forming dL/do.
     auto result = loss_forward_op().call(
         x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
-        /*keep_gradient=*/false);
+        /*keep_gradient=*/false, dropout);
     return {std::get<0>(result), std::get<1>(result)};
   }
   auto outputs = FusedMLPLossFunction::apply(
-      x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction, save_hidden);
+      x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction, save_hidden,
+      dropout);
   return {outputs[0], outputs[1]};
 }
 

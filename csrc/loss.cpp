@@ -1,7 +1,7 @@
 // The section's objective J = L + s in one forward op and one backward op:
 //
 //   fused_mlp_loss(x, target, w1, w2, b1?, b2?, *, activation, weight_decay, loss,
-//                  reduction, save_hidden) -> (J, o)
+//                  reduction, save_hidden, dropout) -> (J, o)
 //
 // The forward op runs fused_mlp_forward, then the loss L and its gradient
 // dL/do (softmax - target for cross-entropy, 2 (o - target) for the squared
@@ -96,6 +96,7 @@ void check_class_indices(const Tensor& indices, int64_t classes) {
 }
 
 // J = L + s, o, and (with keep_gradient) dL/do; without it dL/do is an empty tensor.
+// z, h and the dropout mask as fused_mlp_forward returns them.
 LossForwardResult fused_mlp_loss_forward(
     const Tensor& x,
     const Tensor& target,
@@ -107,10 +108,12 @@ LossForwardResult fused_mlp_loss_forward(
     double weight_decay,
     c10::string_view loss_name,
     c10::string_view reduction_name,
-    bool keep_gradient) {
+    bool keep_gradient,
+    double dropout) {
   const Loss loss = parse_loss(loss_name);
   const Reduction reduction = parse_reduction(reduction_name);
-  auto [o, s, z, h] = forward_op().call(x, w1, w2, b1, b2, activation, weight_decay);
+  auto [o, s, z, h, mask] =
+      forward_op().call(x, w1, w2, b1, b2, activation, weight_decay, dropout);
   check_target(target, x, o.sizes(), loss);
 
   const int64_t n = z.size(0), classes = w2.size(0);
@@ -157,7 +160,7 @@ LossForwardResult fused_mlp_loss_forward(
   }
   const Tensor objective = loss_value.to(o.scalar_type()).add_(s);
   dloss_do = keep_gradient ? dloss_do.to(o.scalar_type()) : at::empty({0}, o.options());
-  return {objective, o, dloss_do, z, h};
+  return {objective, o, dloss_do, z, h, mask};
 }
 
 BackwardResult fused_mlp_loss_backward(
@@ -171,7 +174,9 @@ BackwardResult fused_mlp_loss_backward(
     const std::optional<Tensor>& h,
     c10::string_view activation,
     double weight_decay,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    const std::optional<Tensor>& dropout_mask,
+    double dropout) {
   // G_O = g_J dL/do + (the gradient that reached o directly, if any).
   Tensor g_o;
   if (grad_J) {
@@ -185,7 +190,8 @@ BackwardResult fused_mlp_loss_backward(
   }
   TORCH_CHECK(g_o.defined(), "fused_mlp_loss_backward: expected grad_J or grad_o, got neither");
   return backward_op().call(
-      g_o, grad_J, x, w1, w2, z, h, activation, weight_decay, output_mask);
+      g_o, grad_J, x, w1, w2, z, h, activation, weight_decay, output_mask, dropout_mask,
+      dropout);
 }
 
 }  // namespace

@@ -49,6 +49,13 @@ void check_bias(
 
 }  // namespace
 
+void check_dropout(const char* op, double dropout) {
+  // Written so that NaN fails too.
+  TORCH_CHECK_VALUE(
+      dropout >= 0 && dropout <= 1, op, ": expected dropout to be a probability in [0, 1], but got ",
+      dropout);
+}
+
 Activation parse_activation(std::string_view name) {
   const auto activation = find_activation(name);
   TORCH_CHECK_VALUE(
@@ -64,10 +71,12 @@ void check_forward_inputs(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     double weight_decay,
+    double dropout,
     bool allow_reduced_precision) {
   TORCH_CHECK_VALUE(
       std::isfinite(weight_decay) && weight_decay >= 0,
       "fused_mlp: expected weight_decay to be a finite number >= 0, but got ", weight_decay);
+  check_dropout("fused_mlp", dropout);
   TORCH_CHECK(
       x.dim() >= 1,
       "fused_mlp: expected x of shape (*, in_features) with at least 1 dimension, but got a "
@@ -109,7 +118,10 @@ void check_backward_inputs(
     const Tensor& w1,
     const Tensor& w2,
     const Tensor& z,
-    const std::optional<Tensor>& h) {
+    const std::optional<Tensor>& h,
+    const std::optional<Tensor>& dropout_mask,
+    double dropout) {
+  check_dropout("fused_mlp_backward", dropout);
   TORCH_CHECK(
       w1.dim() == 2 && w2.dim() == 2 && w2.size(1) == w1.size(0),
       "fused_mlp_backward: expected w1 of shape (hidden_features, in_features) and w2 of shape "
@@ -136,6 +148,22 @@ void check_backward_inputs(
       !grad_s || grad_s->numel() == 1,
       "fused_mlp_backward: expected grad_s with one element, but got grad_s.shape = ",
       grad_s->sizes());
+  TORCH_CHECK(
+      dropout_mask || dropout == 0, "fused_mlp_backward: expected dropout_mask (the forward's "
+      "mask) with dropout = ", dropout, ", but got None");
+  if (dropout_mask) {
+    TORCH_CHECK(
+        dropout_mask->sizes() == z.sizes(), "fused_mlp_backward: expected dropout_mask of shape ",
+        z.sizes(), " (the shape of z), but got dropout_mask.shape = ", dropout_mask->sizes());
+    TORCH_CHECK_TYPE(
+        dropout_mask->scalar_type() == at::kBool,
+        "fused_mlp_backward: expected dropout_mask of dtype Bool, but got ",
+        dropout_mask->scalar_type());
+    TORCH_CHECK(
+        dropout_mask->device() == z.device(),
+        "fused_mlp_backward: expected dropout_mask on the device of z (", z.device(),
+        "), but got dropout_mask on ", dropout_mask->device());
+  }
   const std::pair<const char*, const Tensor*> tensors[] = {
       {"grad_o", &grad_o}, {"x", &x}, {"w1", &w1}, {"w2", &w2}, {"h", h ? &*h : nullptr}};
   for (const auto& [name, t] : tensors) {
@@ -182,6 +210,30 @@ Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
                                    : at::empty(sizes, options);
 }
 
+// g *= mask * dropout_scale(p).
+void apply_dropout(const DeviceKernels& kernels, Tensor& g, const Tensor& mask, double p) {
+  if (kernels.apply_dropout != nullptr) {
+    kernels.apply_dropout(g, mask, p);
+  } else {
+    g.mul_(mask.to(g.scalar_type()).mul_(dropout_scale(p)));
+  }
+}
+
+// mask drawn with keep probability 1 - p; h *= mask * dropout_scale(p).
+void draw_dropout(const DeviceKernels& kernels, Tensor& h, Tensor& mask, double p) {
+  if (p >= 1) {
+    // Everything dropped, nothing drawn (as torch's dropout, which multiplies by
+    // zeros then and leaves the generator as it is).
+    mask.zero_();
+    apply_dropout(kernels, h, mask, p);
+  } else if (kernels.dropout != nullptr) {
+    kernels.dropout(h, mask, p);
+  } else {
+    mask.bernoulli_(1 - p);
+    apply_dropout(kernels, h, mask, p);
+  }
+}
+
 void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g) {
   if (kernels.column_sums != nullptr) {
     kernels.column_sums(out, g);
@@ -201,11 +253,13 @@ ForwardResult fused_mlp_forward(
     const std::optional<Tensor>& b2,
     std::string_view activation,
     double weight_decay,
+    double dropout,
     bool keep_z) {
   const Activation act = parse_activation(activation);
-  check_forward_inputs(x, w1, w2, b1, b2, weight_decay, kernels.reduced_precision);
+  check_forward_inputs(x, w1, w2, b1, b2, weight_decay, dropout, kernels.reduced_precision);
   if (kernels.fully_fused_forward != nullptr) {
-    if (auto result = kernels.fully_fused_forward(x, w1, w2, b1, b2, act, weight_decay, keep_z)) {
+    if (auto result = kernels.fully_fused_forward(
+            x, w1, w2, b1, b2, act, weight_decay, dropout, keep_z)) {
       return *std::move(result);
     }
   }
@@ -224,6 +278,13 @@ ForwardResult fused_mlp_forward(
   matmul(kernels, z, b1 ? &*b1 : nullptr, x2d, false, w1, /*trans_b=*/true);
   Tensor h = keep_z || !kernels.activation_in_place ? empty({n, hidden}, options) : z;
   kernels.bias_activation(z, h, std::nullopt, act);
+  // dropout = 0: nothing drawn, no pass over h; the mask is a 0-element tensor
+  // (no storage), as the op has to return a tensor.
+  const auto bool_options = options.dtype(at::kBool);
+  Tensor mask = dropout > 0 ? empty({n, hidden}, bool_options) : empty({0}, bool_options);
+  if (dropout > 0) {
+    draw_dropout(kernels, h, mask, dropout);
+  }
   Tensor o = empty({n, out_features}, options);
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
@@ -233,7 +294,7 @@ ForwardResult fused_mlp_forward(
     o_shape.back() = out_features;
     o = o.view(o_shape);
   }
-  return {o, s, z, h};
+  return {o, s, z, h, mask};
 }
 
 InferenceResult fused_mlp_inference(
@@ -244,10 +305,11 @@ InferenceResult fused_mlp_inference(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     std::string_view activation,
-    double weight_decay) {
-  auto [o, s, z, h] =
-      fused_mlp_forward(kernels, x, w1, w2, b1, b2, activation, weight_decay, /*keep_z=*/false);
-  return {o, s};
+    double weight_decay,
+    double dropout) {
+  auto result = fused_mlp_forward(
+      kernels, x, w1, w2, b1, b2, activation, weight_decay, dropout, /*keep_z=*/false);
+  return {std::get<0>(result), std::get<1>(result)};
 }
 
 namespace {
@@ -289,15 +351,20 @@ BackwardResult fused_mlp_backward(
     const std::optional<Tensor>& h,
     std::string_view activation,
     double weight_decay,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    const std::optional<Tensor>& dropout_mask,
+    double dropout) {
   const Activation act = parse_activation(activation);
-  check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h);
+  check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, dropout_mask, dropout);
   if (kernels.fully_fused_backward != nullptr) {
     if (auto result = kernels.fully_fused_backward(
-            grad_o, grad_s, x, w1, w2, z, h, act, weight_decay, output_mask)) {
+            grad_o, grad_s, x, w1, w2, z, h, dropout_mask, act, weight_decay, output_mask)) {
       return *std::move(result);
     }
   }
+  // With dropout, D = mask * dropout_scale: the saved h is already phi(Z) D, and
+  // G_H = (G_O W2) D.
+  const Tensor mask = dropout_mask ? dropout_mask->contiguous() : Tensor();
   const auto [need_dx, need_dw1, need_dw2, need_db1, need_db2] = output_mask;
   const int64_t n = z.size(0);
   const int64_t in_features = w1.size(1), hidden = w1.size(0), out_features = w2.size(0);
@@ -315,6 +382,9 @@ BackwardResult fused_mlp_backward(
       Tensor z_contiguous = z.contiguous();
       saved_h = empty(z_contiguous.sizes(), options);
       kernels.bias_activation(z_contiguous, saved_h, std::nullopt, act);
+      if (mask.defined()) {  // the same mask by the same kernel: the forward's bits
+        apply_dropout(kernels, saved_h, mask, dropout);
+      }
     }
     dw2 = empty({out_features, hidden}, options);
     weight_gradient(kernels, dw2, g_o, saved_h, w2, grad_s, weight_decay);
@@ -326,6 +396,9 @@ BackwardResult fused_mlp_backward(
   if (need_dx || need_dw1 || need_db1) {
     Tensor g = empty({n, hidden}, options);  // G_H, turned into G_Z in place
     matmul(kernels, g, nullptr, g_o, false, w2, false);
+    if (mask.defined()) {
+      apply_dropout(kernels, g, mask, dropout);
+    }
     if (need_db1) {
       db1 = empty({hidden}, options);
     }

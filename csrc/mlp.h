@@ -21,12 +21,21 @@ namespace mlp_ext {
 
 using at::Tensor;
 
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // o, s, z, h, mask
 using InferenceResult = std::tuple<Tensor, Tensor>;  // o, s
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // dx, dw1, dw2, db1, db2
 
 // The activation of a schema name; ValueError listing the valid names.
 Activation parse_activation(std::string_view name);
+
+// ValueError unless 0 <= dropout <= 1 (NaN included), naming `op`.
+void check_dropout(const char* op, double dropout);
+
+// The factor of the kept hidden units: 1 / (1 - dropout), and 0 for dropout = 1
+// (every unit dropped; nothing is divided by zero).
+inline double dropout_scale(double dropout) {
+  return dropout < 1 ? 1.0 / (1.0 - dropout) : 0.0;
+}
 
 // TORCH_CHECKs every argument of fused_mlp; messages name the argument and
 // both the expected and the actual shape / dtype / device.
@@ -37,11 +46,13 @@ void check_forward_inputs(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     double weight_decay,
+    double dropout,
     bool allow_reduced_precision);
 
 // TORCH_CHECKs the arguments of fused_mlp_backward against each other: z is
 // (n, hidden_features), h (if given) like z, x holds n rows of in_features,
-// grad_o n rows of out_features; all of z's dtype and device.
+// grad_o n rows of out_features; all of z's dtype and device. The dropout mask
+// (required when dropout > 0) is a bool tensor of z's shape on z's device.
 void check_backward_inputs(
     const Tensor& grad_o,
     const std::optional<Tensor>& grad_s,
@@ -49,7 +60,9 @@ void check_backward_inputs(
     const Tensor& w1,
     const Tensor& w2,
     const Tensor& z,
-    const std::optional<Tensor>& h);
+    const std::optional<Tensor>& h,
+    const std::optional<Tensor>& dropout_mask,
+    double dropout);
 
 struct DeviceKernels {
   // z (n x h, contiguous) += b1 (if given); h = phi(z). Both written in one pass.
@@ -74,22 +87,34 @@ struct DeviceKernels {
   // Whether bias_activation accepts h == z (the inference op then allocates
   // one n x h buffer instead of two).
   bool activation_in_place = false;
+  // Optional (null: ATen's bernoulli_ and mul_). Hidden-layer dropout at
+  // probability p in (0, 1]: mask (n x h, bool, contiguous) is drawn from the
+  // default generator of the device (each element kept, true, with probability
+  // 1 - p), and h (n x h, contiguous) *= mask * dropout_scale(p).
+  void (*dropout)(Tensor& h, Tensor& mask, double p) = nullptr;
+  // Optional (null: ATen's mul_). g (contiguous) *= mask * dropout_scale(p), for
+  // the backward's G_H and a recomputed h.
+  void (*apply_dropout)(Tensor& g, const Tensor& mask, double p) = nullptr;
   // Optional: the whole forward / backward in kernels of the device's own, for
   // the problems it takes that way; nullopt hands the call to the products and
   // passes above. Called after the argument checks. Without keep_z (inference)
   // the forward returns undefined z and h.
   std::optional<ForwardResult> (*fully_fused_forward)(
       const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
-      const std::optional<Tensor>& b2, Activation act, double weight_decay,
+      const std::optional<Tensor>& b2, Activation act, double weight_decay, double dropout,
       bool keep_z) = nullptr;
   std::optional<BackwardResult> (*fully_fused_backward)(
       const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x,
       const Tensor& w1, const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
-      Activation act, double weight_decay, std::array<bool, 5> output_mask) = nullptr;
+      const std::optional<Tensor>& dropout_mask, Activation act, double weight_decay,
+      std::array<bool, 5> output_mask) = nullptr;
 };
 
 // keep_z = false (the inference op): z need not survive, so on a device whose
 // bias_activation works in place h is written over z and returned as z too.
+// With dropout > 0 the returned h is phi(z) * mask / (1 - dropout) (what the
+// second product and dW2 read) and mask the n x h bool mask drawn from the
+// device's generator; with dropout = 0 nothing is drawn and mask is empty.
 ForwardResult fused_mlp_forward(
     const DeviceKernels& kernels,
     const Tensor& x,
@@ -99,6 +124,7 @@ ForwardResult fused_mlp_forward(
     const std::optional<Tensor>& b2,
     std::string_view activation,
     double weight_decay,
+    double dropout,
     bool keep_z = true);
 
 // The forward without z and h to return (fused_mlp without autograd).
@@ -110,7 +136,8 @@ InferenceResult fused_mlp_inference(
     const std::optional<Tensor>& b1,
     const std::optional<Tensor>& b2,
     std::string_view activation,
-    double weight_decay);
+    double weight_decay,
+    double dropout);
 
 BackwardResult fused_mlp_backward(
     const DeviceKernels& kernels,
@@ -123,6 +150,8 @@ BackwardResult fused_mlp_backward(
     const std::optional<Tensor>& h,  // absent (save_hidden=False): recomputed as phi(z)
     std::string_view activation,
     double weight_decay,
-    std::array<bool, 5> output_mask);
+    std::array<bool, 5> output_mask,
+    const std::optional<Tensor>& dropout_mask,  // the forward's mask; absent: no dropout
+    double dropout);
 
 }  // namespace mlp_ext

@@ -46,7 +46,8 @@ std::string narrow_path_choice(
     bool aligned,
     int64_t compute_capability,
     int64_t smem_per_block,
-    c10::string_view mode) {
+    c10::string_view mode,
+    bool dropout) {
   const auto narrow_mode = parse_narrow_mode(mode);
   TORCH_CHECK_VALUE(
       narrow_mode, "_narrow_path_choice: expected mode \"off\", \"on\" or \"auto\", but got \"",
@@ -60,6 +61,7 @@ std::string narrow_path_choice(
   p.allow_tf32 = allow_tf32, p.aligned = aligned;
   p.compute_capability = static_cast<int>(compute_capability);
   p.smem_per_block = static_cast<int>(smem_per_block);
+  p.dropout = dropout;
   const NarrowChoice choice = choose_narrow_path(*narrow_mode, p);
   return std::string(choice.fused ? "fused: " : "gemm: ") + choice.reason;
 }
@@ -97,41 +99,56 @@ const c10::TypedOperatorHandle<LossBackwardSignature>& loss_backward_op() {
 }
 
 TORCH_LIBRARY(mlp_ext, m) {
+  // The ops that may draw a dropout mask from the device's generator are tagged
+  // nondeterministic_seeded, so that graph passes neither merge two calls nor
+  // drop or recompute one (FX counts them impure).
+  const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
   // The public ops (mlp_ext.fused_mlp, mlp_ext.fused_mlp_loss).
   m.def(
       "fused_mlp(Tensor x, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None, *, "
-      "str activation=\"relu\", float weight_decay=0.0, bool save_hidden=True) -> "
-      "(Tensor o, Tensor s)");
+      "str activation=\"relu\", float weight_decay=0.0, bool save_hidden=True, "
+      "float dropout=0.0) -> (Tensor o, Tensor s)",
+      seeded);
   m.def(
       "fused_mlp_loss(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1=None, "
       "Tensor? b2=None, *, str activation=\"relu\", float weight_decay=0.0, "
-      "str loss=\"cross_entropy\", str reduction=\"mean\", bool save_hidden=True) -> "
-      "(Tensor J, Tensor o)");
+      "str loss=\"cross_entropy\", str reduction=\"mean\", bool save_hidden=True, "
+      "float dropout=0.0) -> (Tensor J, Tensor o)",
+      seeded);
   // What their autograd nodes call: one op for the forward, one for the backward.
+  // The forward returns the dropout mask (n x hidden_features bool; 0 elements
+  // when dropout = 0), which the node saves and hands to the backward.
   m.def(
       "fused_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
-      "str activation, float weight_decay) -> (Tensor o, Tensor s, Tensor z, Tensor h)");
+      "str activation, float weight_decay, float dropout=0.0) -> "
+      "(Tensor o, Tensor s, Tensor z, Tensor h, Tensor mask)",
+      seeded);
   m.def(
       "fused_mlp_inference(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
-      "str activation, float weight_decay) -> (Tensor o, Tensor s)");
+      "str activation, float weight_decay, float dropout=0.0) -> (Tensor o, Tensor s)",
+      seeded);
   m.def(
       "fused_mlp_backward(Tensor grad_o, Tensor? grad_s, Tensor x, Tensor w1, Tensor w2, "
-      "Tensor z, Tensor? h, str activation, float weight_decay, bool[5] output_mask) -> "
+      "Tensor z, Tensor? h, str activation, float weight_decay, bool[5] output_mask, "
+      "Tensor? dropout_mask=None, float dropout=0.0) -> "
       "(Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
   m.def(
       "fused_mlp_loss_forward(Tensor x, Tensor target, Tensor w1, Tensor w2, Tensor? b1, "
       "Tensor? b2, str activation, float weight_decay, str loss, str reduction, "
-      "bool keep_gradient) -> "
-      "(Tensor J, Tensor o, Tensor dloss_do, Tensor z, Tensor h)");
+      "bool keep_gradient, float dropout=0.0) -> "
+      "(Tensor J, Tensor o, Tensor dloss_do, Tensor z, Tensor h, Tensor mask)",
+      seeded);
   m.def(
       "fused_mlp_loss_backward(Tensor? grad_J, Tensor? grad_o, Tensor dloss_do, Tensor x, "
       "Tensor w1, Tensor w2, Tensor z, Tensor? h, str activation, float weight_decay, "
-      "bool[5] output_mask) -> (Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
+      "bool[5] output_mask, Tensor? dropout_mask=None, float dropout=0.0) -> "
+      "(Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
   // Diagnostics (no tensors: one kernel for every device).
   m.def("_activation_names() -> str[]", TORCH_FN(activation_names));
   m.def(
       "_narrow_path_choice(int n, int d, int h, int q, ScalarType dtype, bool allow_tf32, "
-      "bool aligned, int compute_capability, int smem_per_block, str mode) -> str",
+      "bool aligned, int compute_capability, int smem_per_block, str mode, "
+      "bool dropout=False) -> str",
       TORCH_FN(narrow_path_choice));
 }
 

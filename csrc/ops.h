@@ -9,28 +9,30 @@
 
 namespace mlp_ext {
 
-using LossForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;  // J, o, dL/do, z, h
+// J, o, dL/do, z, h, mask
+using LossForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 using FusedMLPSignature = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::string_view, double, bool);
+    const std::optional<Tensor>&, c10::string_view, double, bool, double);
 using ForwardSignature = ForwardResult(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::string_view, double);
+    const std::optional<Tensor>&, c10::string_view, double, double);
 using InferenceSignature = InferenceResult(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::string_view, double);
+    const std::optional<Tensor>&, c10::string_view, double, double);
 using BackwardSignature = BackwardResult(
     const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const std::optional<Tensor>&, c10::string_view, double, std::array<bool, 5>);
+    const Tensor&, const std::optional<Tensor>&, c10::string_view, double, std::array<bool, 5>,
+    const std::optional<Tensor>&, double);
 using LossForwardSignature = LossForwardResult(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, c10::string_view, double, c10::string_view, c10::string_view,
-    bool);
+    bool, double);
 using LossBackwardSignature = BackwardResult(
     const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
-    double, std::array<bool, 5>);
+    double, std::array<bool, 5>, const std::optional<Tensor>&, double);
 
 const c10::TypedOperatorHandle<FusedMLPSignature>& fused_mlp_op();
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op();

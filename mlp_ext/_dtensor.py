@@ -28,14 +28,14 @@ R, P = Replicate(), Partial()
 # How each named tensor of the ops is laid out over one mesh dimension, in
 # each strategy. The names are the ops' own schema names (csrc/ops.cpp): the
 # rules read them from the schema, so an op gaining a tensor argument or
-# output needs one entry per strategy here (see the dropout note in docs).
+# output needs one entry per strategy here (docs/parallel.md, "Dropout under DTensor").
 # expand_to_full_mesh_op_strategy combines strategies across mesh dimensions
 # (e.g. batch over "dp" and hidden over "tp" on a 2-D mesh).
 STRATEGIES: Dict[str, Dict[str, object]] = {
     # Everything whole on every rank: each rank computes the same thing.
     "replicate": dict(
         x=R, target=R, w1=R, w2=R, b1=R, b2=R,
-        o=R, s=R, z=R, h=R, J=R, dloss_do=R,
+        o=R, s=R, z=R, h=R, mask=R, dropout_mask=R, J=R, dloss_do=R,
         grad_o=R, grad_s=R, grad_J=R,
         dx=R, dw1=R, dw2=R, db1=R, db2=R),
     # The hidden units split (Megatron; ColwiseParallel on fc1, RowwiseParallel
@@ -49,7 +49,7 @@ STRATEGIES: Dict[str, Dict[str, object]] = {
     # G_Z,r W1_r; db2 (row sums of grad_o) is the same on every rank.
     "hidden": dict(
         x=R, w1=Shard(0), w2=Shard(1), b1=Shard(0), b2=P,
-        o=P, s=P, z=Shard(1), h=Shard(1),
+        o=P, s=P, z=Shard(1), h=Shard(1), mask=Shard(1), dropout_mask=Shard(1),
         grad_o=R, grad_s=R,
         dx=P, dw1=Shard(0), dw2=Shard(1), db1=Shard(0), db2=R),
     # The batch split (rows of x; weights replicated): weight gradients are
@@ -62,7 +62,7 @@ STRATEGIES: Dict[str, Dict[str, object]] = {
     # only handed to the backward op, never redistributed.)
     "batch": dict(
         x=Shard(0), w1=R, w2=R, b1=R, b2=R,
-        o=Shard(0), s=R, z=Shard(0), h=Shard(0),
+        o=Shard(0), s=R, z=Shard(0), h=Shard(0), mask=Shard(0), dropout_mask=Shard(0),
         grad_o=Shard(0), grad_s=P,
         dx=Shard(0), dw1=P, dw2=P, db1=P, db2=P),
 }
@@ -136,7 +136,9 @@ def _rules(op_name: str, arg_names: Sequence[str], tensor_args: Sequence[bool],
         strategies = []
         for key in OP_STRATEGIES[op_name]:
             layout = STRATEGIES[key]
-            outputs = [layout[name] for name in return_names]
+            # Without dropout the mask output is an empty tensor: nothing to split.
+            outputs = [R if name == "mask" and not named.get("dropout") else layout[name]
+                       for name in return_names]
             # None for non-tensor arguments and for absent optional tensors
             # (b1/b2 None, grad_s None, h None when save_hidden=False).
             inputs = [layout[name] if is_tensor and named.get(name) is not None else None
@@ -215,7 +217,7 @@ def fused_mlp_module_forward(mlp, x: Tensor, w1: DTensor, w2, b1, b2, return_pen
     split = isinstance(w2, DTensor) and any(p == Shard(1) for p in w2.placements)
     o, s = fused_mlp(x, w1, w2, b1, None if split else b2, activation=mlp.activation,
                      weight_decay=mlp.weight_decay if return_penalty else 0.0,
-                     save_hidden=mlp.save_hidden)
+                     save_hidden=mlp.save_hidden, dropout=mlp.dropout, training=mlp.training)
     o = _reduce_partial(o)
     if split and b2 is not None:
         o = o + b2

@@ -60,12 +60,19 @@ def _check_like(op, name, t, reference, reference_name):
                            f"({reference.device}), but got {name} on {t.device}")
 
 
-def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay):
+def _check_dropout(op, dropout):
+    if not (0 <= dropout <= 1):  # NaN fails too
+        raise ValueError(f"{op}: expected dropout to be a probability in [0, 1], but got "
+                         f"{_number(dropout)}")
+
+
+def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay, dropout=0.0):
     """csrc/mlp.cpp: parse_activation, then check_forward_inputs."""
     _check_activation(activation)
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError("fused_mlp: expected weight_decay to be a finite number >= 0, but got "
                          f"{_number(weight_decay)}")
+    _check_dropout("fused_mlp", dropout)
     if x.dim() < 1:
         raise RuntimeError("fused_mlp: expected x of shape (*, in_features) with at least 1 "
                            "dimension, but got a 0-dim tensor")
@@ -102,10 +109,12 @@ def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay):
         _check_like("fused_mlp", name, b, x, "x")
 
 
-def check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation):
+def check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation, dropout_mask=None,
+                          dropout=0.0):
     """csrc/mlp.cpp: parse_activation, then check_backward_inputs."""
     _check_activation(activation)
     op = "fused_mlp_backward"
+    _check_dropout(op, dropout)
     if not (w1.dim() == 2 and w2.dim() == 2 and w2.shape[1] == w1.shape[0]):
         raise RuntimeError(f"{op}: expected w1 of shape (hidden_features, in_features) and w2 of "
                            f"shape (out_features, hidden_features), but got w1.shape = "
@@ -127,12 +136,26 @@ def check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation):
     if grad_s is not None and grad_s.numel() != 1:
         raise RuntimeError(f"{op}: expected grad_s with one element, but got grad_s.shape = "
                            f"{_sizes(grad_s)}")
+    if dropout_mask is None and dropout != 0:
+        raise RuntimeError(f"{op}: expected dropout_mask (the forward's mask) with dropout = "
+                           f"{_number(dropout)}, but got None")
+    if dropout_mask is not None:
+        if dropout_mask.shape != z.shape:
+            raise RuntimeError(f"{op}: expected dropout_mask of shape {_sizes(z)} (the shape of z), "
+                               f"but got dropout_mask.shape = {_sizes(dropout_mask)}")
+        if dropout_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: expected dropout_mask of dtype Bool, but got "
+                            f"{_name(dropout_mask.dtype)}")
+        if dropout_mask.device != z.device:
+            raise RuntimeError(f"{op}: expected dropout_mask on the device of z ({z.device}), but "
+                               f"got dropout_mask on {dropout_mask.device}")
     for name, t in (("grad_o", grad_o), ("x", x), ("w1", w1), ("w2", w2), ("h", h)):
         if t is not None:
             _check_like(op, name, t, z, "z")
 
 
-def check_loss_inputs(x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction):
+def check_loss_inputs(x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
+                      dropout=0.0):
     """csrc/loss.cpp fused_mlp_loss_forward: the loss's names, the forward's checks, the target."""
     op = "fused_mlp_loss"
     if loss not in LOSSES:
@@ -140,7 +163,7 @@ def check_loss_inputs(x, target, w1, w2, b1, b2, activation, weight_decay, loss,
     if reduction not in REDUCTIONS:
         raise ValueError(f'{op}: unknown reduction "{reduction}"; expected one of '
                          f"{_quoted(REDUCTIONS)}")
-    check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay)
+    check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay, dropout)
     if target.device != x.device:
         raise RuntimeError(f"{op}: expected target on the device of x ({x.device}), but got "
                            f"target on {target.device}")
@@ -177,48 +200,55 @@ def _backward_outputs(x, w1, w2, output_mask):
     )
 
 
+def _dropout_mask(x, n, hidden, dropout):
+    """The forward's mask: n x hidden bool with dropout > 0, 0 elements otherwise."""
+    return x.new_empty((n, hidden) if dropout > 0 else (0,), dtype=torch.bool)
+
+
 @torch.library.register_fake("mlp_ext::fused_mlp_forward")
-def _fused_mlp_forward_fake(x, w1, w2, b1, b2, activation, weight_decay):
-    check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay)
+def _fused_mlp_forward_fake(x, w1, w2, b1, b2, activation, weight_decay, dropout=0.0):
+    check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay, dropout)
     n = _prod(x.shape[:-1])
     # new_empty: contiguous whatever the strides of x (empty_like would keep them).
     o = x.new_empty((*x.shape[:-1], w2.shape[0]))
     s = x.new_empty(())
     z = x.new_empty((n, w1.shape[0]))
     h = x.new_empty((n, w1.shape[0]))
-    return o, s, z, h
+    return o, s, z, h, _dropout_mask(x, n, w1.shape[0], dropout)
 
 
 @torch.library.register_fake("mlp_ext::fused_mlp_inference")
-def _fused_mlp_inference_fake(x, w1, w2, b1, b2, activation, weight_decay):
-    o, s, _, _ = _fused_mlp_forward_fake(x, w1, w2, b1, b2, activation, weight_decay)
+def _fused_mlp_inference_fake(x, w1, w2, b1, b2, activation, weight_decay, dropout=0.0):
+    o, s, _, _, _ = _fused_mlp_forward_fake(x, w1, w2, b1, b2, activation, weight_decay, dropout)
     return o, s
 
 
 @torch.library.register_fake("mlp_ext::fused_mlp_backward")
-def _fused_mlp_backward_fake(grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay, output_mask):
-    check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation)
+def _fused_mlp_backward_fake(grad_o, grad_s, x, w1, w2, z, h, activation, weight_decay, output_mask,
+                             dropout_mask=None, dropout=0.0):
+    check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation, dropout_mask, dropout)
     return _backward_outputs(x, w1, w2, output_mask)
 
 
 @torch.library.register_fake("mlp_ext::fused_mlp_loss_forward")
 def _fused_mlp_loss_forward_fake(x, target, w1, w2, b1, b2, activation, weight_decay, loss,
-                                 reduction, keep_gradient):
-    check_loss_inputs(x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction)
+                                 reduction, keep_gradient, dropout=0.0):
+    check_loss_inputs(x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
+                      dropout)
     o_shape = (*x.shape[:-1], w2.shape[0])
     n = _prod(x.shape[:-1])
     hidden = (n, w1.shape[0])
     dloss_do = x.new_empty((n, w2.shape[0]) if keep_gradient else (0,))
     return (x.new_empty(()), x.new_empty(o_shape), dloss_do,
-            x.new_empty(hidden), x.new_empty(hidden))
+            x.new_empty(hidden), x.new_empty(hidden), _dropout_mask(x, n, w1.shape[0], dropout))
 
 
 @torch.library.register_fake("mlp_ext::fused_mlp_loss_backward")
 def _fused_mlp_loss_backward_fake(grad_J, grad_o, dloss_do, x, w1, w2, z, h, activation,
-                                  weight_decay, output_mask):
+                                  weight_decay, output_mask, dropout_mask=None, dropout=0.0):
     if grad_J is None and grad_o is None:
         raise RuntimeError("fused_mlp_loss_backward: expected grad_J or grad_o, got neither")
-    check_backward_inputs(dloss_do, grad_J, x, w1, w2, z, h, activation)
+    check_backward_inputs(dloss_do, grad_J, x, w1, w2, z, h, activation, dropout_mask, dropout)
     return _backward_outputs(x, w1, w2, output_mask)
 
 

@@ -53,6 +53,28 @@ def check_options(op: str, activation, weight_decay, save_hidden) -> None:
         raise TypeError(f"{op}: expected save_hidden to be a bool, but got {_type_name(save_hidden)}")
 
 
+def _is_real(value) -> bool:
+    return type(value) in (float, int) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool))
+
+
+def dropout_message(op: str, dropout) -> str:
+    """The operator's message for a dropout outside [0, 1] (csrc/mlp.cpp check_dropout)."""
+    return f"{op}: expected dropout to be a probability in [0, 1], but got {float(dropout):g}"
+
+
+def check_dropout(op: str, dropout, training=True) -> None:
+    """TypeError for a dropout (or training) of the wrong type, and the operator's own
+    ValueError for one outside [0, 1]: checked here too because with training=False the
+    operator is called with dropout 0 (F.dropout, likewise, checks p in eval mode)."""
+    if not _is_real(dropout):
+        raise TypeError(f"{op}: expected dropout to be a real number, but got {_type_name(dropout)}")
+    if not isinstance(training, bool):
+        raise TypeError(f"{op}: expected training to be a bool, but got {_type_name(training)}")
+    if not (0 <= dropout <= 1):  # NaN fails too
+        raise ValueError(dropout_message(op, dropout))
+
+
 def fused_mlp(
     x: Tensor,
     w1: Tensor,
@@ -63,6 +85,8 @@ def fused_mlp(
     activation: str = "relu",
     weight_decay: float = 0.0,
     save_hidden: bool = True,
+    dropout: float = 0.0,
+    training: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """One-hidden-layer MLP with weight decay, fused into one operator.
 
@@ -75,6 +99,13 @@ def fused_mlp(
         save_hidden: keep the hidden activations h = phi(z) for backward (the
             default); False keeps z only and recomputes h in backward, saving
             n * hidden_features elements at the cost of one elementwise pass.
+        dropout: probability p of zeroing each hidden unit h (inverted dropout
+            between phi and the second product, as ``F.dropout(phi(z), p,
+            training)``): the kept units are scaled by 1 / (1 - p). The mask is
+            drawn from torch's default generator of the device
+            (``torch.manual_seed`` reproduces it) and kept for backward as one
+            byte per hidden unit.
+        training: apply dropout (the default, as ``F.dropout``); False skips it.
 
     Returns:
         (o, s): o = phi(x w1^T + b1) w2^T + b2 of shape (*, out_features), contiguous,
@@ -87,7 +118,11 @@ def fused_mlp(
     check_tensor("fused_mlp", "b1", b1, optional=True)
     check_tensor("fused_mlp", "b2", b2, optional=True)
     check_options("fused_mlp", activation, weight_decay, save_hidden)
+<<<<<<< HEAD
     if type(w1) is not Tensor and type(w1) is not Parameter:
         register_dtensor_rules(w1)
+=======
+    check_dropout("fused_mlp", dropout, training)
+>>>>>>> refs/remotes/h16b/head
     return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
-                      save_hidden=save_hidden)
+                      save_hidden=save_hidden, dropout=float(dropout) if training else 0.0)

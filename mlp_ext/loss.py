@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .functional import check_options, check_tensor, register_dtensor_rules
+from .functional import check_dropout, check_options, check_tensor, register_dtensor_rules
 
 LOSSES = ("cross_entropy", "mse")
 REDUCTIONS = ("mean", "sum")
@@ -33,12 +33,14 @@ def fused_mlp_loss(
     reduction: str = "mean",
     return_output: bool = False,
     save_hidden: bool = True,
+    dropout: float = 0.0,
+    training: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """J = L(o, target) + s for o, s = fused_mlp(x, w1, w2, b1, b2), as one fused operator.
 
     Args:
-        x, w1, w2, b1, b2, activation, weight_decay, save_hidden: as for
-            ``mlp_ext.fused_mlp``.
+        x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout,
+            training: as for ``mlp_ext.fused_mlp``.
         target: for ``loss="cross_entropy"`` class indices (int64, of shape
             ``x.shape[:-1]``) or class probabilities (x's dtype, of o's shape
             ``(*x.shape[:-1], out_features)``); the classes are o's last
@@ -59,6 +61,7 @@ def fused_mlp_loss(
     check_tensor("fused_mlp_loss", "b1", b1, optional=True)
     check_tensor("fused_mlp_loss", "b2", b2, optional=True)
     check_options("fused_mlp_loss", activation, weight_decay, save_hidden)
+    check_dropout("fused_mlp_loss", dropout, training)
     for name, value in (("loss", loss), ("reduction", reduction)):
         if not isinstance(value, str):
             raise TypeError(f"fused_mlp_loss: expected {name} to be a str, but got "
@@ -70,5 +73,6 @@ def fused_mlp_loss(
         register_dtensor_rules(w1)
     objective, o = _fused_mlp_loss(
         x, target, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
-        loss=loss, reduction=reduction, save_hidden=save_hidden)
+        loss=loss, reduction=reduction, save_hidden=save_hidden,
+        dropout=float(dropout) if training else 0.0)
     return (objective, o) if return_output else objective

@@ -9,11 +9,15 @@ because backward needs values of the forward. For fused_mlp they are
 * the intermediates Z and H (n x hidden_features each), which the op
   allocates and autograd keeps alive until backward: the ``saved_activations``.
   With ``save_hidden=False`` only Z is kept and backward recomputes H = phi(Z).
+* with hidden-layer dropout, its mask (n x hidden bool, one byte per element;
+  H is saved with the mask applied).
 """
 import math
 from typing import NamedTuple, Sequence, Tuple, Union
 
 import torch
+
+from .functional import check_dropout
 
 
 class SavedTensor(NamedTuple):
@@ -22,9 +26,10 @@ class SavedTensor(NamedTuple):
 
 
 def saved_for_backward(*, bias: bool = True, save_hidden: bool = True,
-                       loss: bool = False) -> Tuple[SavedTensor, ...]:
+                       loss: bool = False, dropout: bool = False) -> Tuple[SavedTensor, ...]:
     """What the autograd node of fused_mlp (or with ``loss=True`` of
-    fused_mlp_loss) saves, in the order it saves them.
+    fused_mlp_loss) saves, in the order it saves them; ``dropout``: whether the
+    call drops hidden units (dropout > 0 in training), which adds the mask.
 
     fused_mlp_loss keeps dL/do (n x q, formed in the forward) instead of o, and
     references to y and b2 for second derivatives.
@@ -41,6 +46,8 @@ def saved_for_backward(*, bias: bool = True, save_hidden: bool = True,
         saved.append(SavedTensor("y", "input"))
         if bias:
             saved.append(SavedTensor("b2", "parameter"))
+    if dropout:
+        saved.append(SavedTensor("mask", "activation"))
     return tuple(saved)
 
 
@@ -71,6 +78,7 @@ def memory_footprint(
     bias: bool = True,
     training: bool = True,
     save_hidden: bool = True,
+    dropout: float = 0.0,
 ) -> MemoryFootprint:
     """Bytes that ``fused_mlp`` (or ``FusedMLP``) holds for one batch.
 
@@ -85,6 +93,8 @@ def memory_footprint(
             nothing saved, no gradients).
         save_hidden: the ``save_hidden`` argument of ``fused_mlp``; False saves
             Z only (n*h elements fewer), and backward recomputes H.
+        dropout: the ``dropout`` of ``fused_mlp``; > 0 (in training) adds the
+            mask, n*h bytes.
 
     Backward additionally allocates, for its duration only, an n x h buffer
     for dJ/dH = dJ/dZ (and another for H when ``save_hidden=False``).
@@ -110,16 +120,19 @@ def memory_footprint(
     for name, value in (("bias", bias), ("training", training), ("save_hidden", save_hidden)):
         if not isinstance(value, bool):
             raise TypeError(f"memory_footprint: expected {name} to be a bool, got {value!r}")
+    check_dropout("memory_footprint", dropout)
     size = dtype.itemsize
     d, h, q = in_features, hidden_features, out_features
     parameters = (h * d + q * h + ((h + q) if bias else 0)) * size
-    activations = sum(n * h for t in saved_for_backward(bias=bias, save_hidden=save_hidden)
+    saved = saved_for_backward(bias=bias, save_hidden=save_hidden, dropout=dropout > 0)
+    # z and h in dtype; the mask one byte per element (bool).
+    activations = sum(n * h * (1 if t.name == "mask" else size) for t in saved
                       if t.kind == "activation")
     return MemoryFootprint(
         parameters=parameters,
         gradients=parameters if training else 0,
         inputs=n * d * size,
-        saved_activations=activations * size if training else 0,
+        saved_activations=activations if training else 0,
         outputs=(n * q + 1) * size,
     )
 

@@ -6,7 +6,7 @@ from typing import Tuple, Union
 from torch import Tensor, nn
 from torch.nn import Parameter
 
-from .functional import ACTIVATIONS, check_options, fused_mlp, is_dtensor
+from .functional import ACTIVATIONS, check_dropout, check_options, fused_mlp, is_dtensor
 
 # Activation name <-> the nn module of a Sequential.
 _MODULES = {
@@ -59,6 +59,10 @@ class FusedMLP(nn.Module):
 
     ``save_hidden=False`` keeps only z for backward and recomputes h = phi(z)
     there (less memory, the same gradients bit for bit).
+
+    ``dropout=p`` drops hidden units with probability p in training mode
+    (``mlp.train()``, the default), as ``nn.Dropout(p)`` between the activation and
+    ``fc2`` does; ``mlp.eval()`` turns it off.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class FusedMLP(nn.Module):
         bias: bool = True,
         weight_decay: float = 0.0,
         save_hidden: bool = True,
+        dropout: float = 0.0,
         device=None,
         dtype=None,
     ) -> None:
@@ -86,6 +91,7 @@ class FusedMLP(nn.Module):
             if not isinstance(value, bool):
                 raise TypeError(f"FusedMLP: expected {name} to be a bool, but got {type(value).__name__}")
         check_options("FusedMLP", activation, weight_decay, save_hidden)
+        check_dropout("FusedMLP", dropout)
         if activation not in ACTIVATIONS:
             raise ValueError(f"FusedMLP: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
         if not math.isfinite(weight_decay) or weight_decay < 0:
@@ -97,6 +103,7 @@ class FusedMLP(nn.Module):
         self.activation = activation
         self.weight_decay = float(weight_decay)
         self.save_hidden = bool(save_hidden)
+        self.dropout = float(dropout)
 
     @property
     def in_features(self) -> int:
@@ -123,23 +130,32 @@ class FusedMLP(nn.Module):
                          _attribute(fc1, "bias"), _attribute(fc2, "bias"),
                          activation=self.activation,
                          weight_decay=self.weight_decay if return_penalty else 0.0,
-                         save_hidden=self.save_hidden)
+                         save_hidden=self.save_hidden, dropout=self.dropout,
+                         training=self.training)
         return (o, s) if return_penalty else o
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
                 f"out_features={self.out_features}, activation={self.activation!r}, "
                 f"bias={self.fc1.bias is not None}, weight_decay={self.weight_decay}"
-                + ("" if self.save_hidden else ", save_hidden=False"))
+                + ("" if self.save_hidden else ", save_hidden=False")
+                + (f", dropout={self.dropout}" if self.dropout else ""))
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, *, weight_decay: float = 0.0,
                         save_hidden: bool = True, copy_weights: bool = False) -> "FusedMLP":
-        """FusedMLP of nn.Sequential(nn.Linear, activation, nn.Linear).
+        """FusedMLP of nn.Sequential(nn.Linear, activation, [nn.Dropout,] nn.Linear).
 
         The Linear modules are shared with ``seq`` (training one trains the
-        other) unless ``copy_weights=True``, which deep-copies them.
+        other) unless ``copy_weights=True``, which deep-copies them. An
+        nn.Dropout(p) between the activation and the second Linear becomes
+        ``dropout=p``.
         """
+        # An nn.Dropout before the second Linear: the hidden-layer dropout.
+        dropout = 0.0
+        if (isinstance(seq, nn.Sequential) and len(seq) == 4 and type(seq[2]) is nn.Dropout):
+            dropout = float(seq[2].p)
+            seq = nn.Sequential(seq[0], seq[1], seq[3])
         if not (isinstance(seq, nn.Sequential) and len(seq) == 3
                 and isinstance(seq[0], nn.Linear) and isinstance(seq[2], nn.Linear)):
             raise ValueError(f"FusedMLP.from_sequential: expected nn.Sequential(nn.Linear, activation, "
@@ -158,10 +174,13 @@ class FusedMLP(nn.Module):
         mlp.activation = _activation_name(act)
         mlp.weight_decay = float(weight_decay)
         mlp.save_hidden = bool(save_hidden)
+        mlp.dropout = dropout
         return mlp
 
     def to_sequential(self, *, copy_weights: bool = False) -> nn.Sequential:
-        """The equivalent nn.Sequential; its Linear layers are this module's own
-        (shared) unless ``copy_weights=True``. Weight decay is not part of it."""
+        """The equivalent nn.Sequential (with nn.Dropout(p) before the second Linear
+        when dropout > 0); its Linear layers are this module's own (shared) unless
+        ``copy_weights=True``. Weight decay is not part of it."""
         fc1, fc2 = (copy.deepcopy(self.fc1), copy.deepcopy(self.fc2)) if copy_weights else (self.fc1, self.fc2)
-        return nn.Sequential(fc1, _MODULES[self.activation](), fc2)
+        dropout = [nn.Dropout(self.dropout)] if self.dropout else []
+        return nn.Sequential(fc1, _MODULES[self.activation](), *dropout, fc2)

@@ -4,6 +4,12 @@
   ops; autograd differentiates it.
 * ``fused_mlp_backward``: the backward equations of the textbook section
   applied by hand (no autograd), returning every gradient.
+
+Both take the hidden-layer dropout as its mask (``dropout_mask``, n x hidden
+bool, True = kept) and probability: D = mask / (1 - dropout), H~ = phi(Z) (.) D
+replaces H. Without a mask and with dropout > 0, the mask is drawn as the CPU
+operator draws it (``bernoulli_(1 - dropout)`` of an n x hidden bool tensor from
+the default generator), so that the same seed gives the same mask on CPU.
 """
 import math
 from typing import NamedTuple, Optional, Tuple, Union
@@ -49,6 +55,23 @@ def phi(name: str):
     return _PHI[name]
 
 
+def dropout_factor(mask: Tensor, dropout: float, dtype: torch.dtype) -> Tensor:
+    """D = mask / (1 - dropout) in dtype; 0 everywhere for dropout = 1 (all dropped)."""
+    scale = 1.0 / (1.0 - dropout) if dropout < 1 else 0.0
+    return mask.to(dtype) * scale
+
+
+def _dropout_d(z: Tensor, dropout_mask: Optional[Tensor], dropout: float) -> Optional[Tensor]:
+    """D for the n x hidden hidden layer of z (None: no dropout)."""
+    if dropout_mask is None:
+        if dropout == 0:
+            return None
+        n = z.numel() // z.shape[-1] if z.shape[-1] else 0
+        dropout_mask = torch.empty(n, z.shape[-1], dtype=torch.bool,
+                                   device=z.device).bernoulli_(1 - dropout)
+    return dropout_factor(dropout_mask, dropout, z.dtype).reshape(z.shape)
+
+
 def fused_mlp(
     x: Tensor,
     w1: Tensor,
@@ -58,12 +81,19 @@ def fused_mlp(
     *,
     activation: str = "relu",
     weight_decay: float = 0.0,
+    dropout: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """o = phi(x w1^T + b1) w2^T + b2 and s = weight_decay/2 (||w1||^2 + ||w2||^2)."""
+    """o = (phi(x w1^T + b1) (.) D) w2^T + b2 and s = weight_decay/2 (||w1||^2 + ||w2||^2),
+    D = dropout_mask / (1 - dropout) (no D without dropout)."""
     z = x @ w1.T
     if b1 is not None:
         z = z + b1
-    o = phi(activation)(z) @ w2.T
+    h = phi(activation)(z)
+    d = _dropout_d(z, dropout_mask, dropout)
+    if d is not None:
+        h = h * d
+    o = h @ w2.T
     if b2 is not None:
         o = o + b2
     s = weight_decay / 2 * (w1.square().sum() + w2.square().sum())
@@ -88,8 +118,11 @@ def fused_mlp_backward(
     activation: str = "relu",
     weight_decay: float = 0.0,
     grad_s: Union[float, Tensor] = 1.0,
+    dropout: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
 ) -> Gradients:
-    """Every gradient of J = <grad_o, o> + grad_s * s, from the section's equations.
+    """Every gradient of J = <grad_o, o> + grad_s * s, from the section's equations
+    (with dropout, H~ = H (.) D in place of H, and D applied to G_H):
 
         Z = X W1^T + b1,  H = phi(Z)
         dW2 = G_O^T H + g_s lambda W2      db2 = sum_rows G_O
@@ -104,9 +137,14 @@ def fused_mlp_backward(
     if b1 is not None:
         Z = Z + b1
     H = phi(activation)(Z)
+    D = _dropout_d(Z, dropout_mask, dropout)
+    if D is not None:
+        H = H * D
     dW2 = G_O.T @ H + grad_s * weight_decay * w2
     db2 = G_O.sum(0)
     G_H = G_O @ w2
+    if D is not None:
+        G_H = G_H * D
     G_Z = G_H * _PHI_DERIVATIVE[activation](Z)
     dW1 = G_Z.T @ X + grad_s * weight_decay * w1
     db1 = G_Z.sum(0)

@@ -101,11 +101,11 @@ def test_scalar_path_is_bitwise_the_vector_path(dtype):
         assert out.is_contiguous() and out.data_ptr() % 16 != 0
         return out
 
-    o, s, z, h = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "gelu", 0.1)
+    o, s, z, h, _ = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "gelu", 0.1)
     for a, b in zip((o, s, z, h), OPS.fused_mlp_forward(x, w1, w2, misaligned(b1), b2, "gelu", 0.1)):
         assert torch.equal(a, b)
     # The penalty reads misaligned weights element by element, in the same order.
-    _, s_misaligned, _, _ = OPS.fused_mlp_forward(x, misaligned(w1), misaligned(w2), b1, b2,
+    _, s_misaligned, _, _, _ = OPS.fused_mlp_forward(x, misaligned(w1), misaligned(w2), b1, b2,
                                                   "gelu", 0.1)
     assert torch.equal(s, s_misaligned)
 
@@ -228,7 +228,7 @@ def test_opcheck_half_precision(dtype):
     opcheck(OPS.fused_mlp.default, (x, w1, w2, b1, b2), {"activation": "gelu", "weight_decay": 0.1})
     args = [t.detach() for t in (x, w1, w2, b1, b2)]
     opcheck(OPS.fused_mlp_forward.default, (*args, "silu", 0.1))
-    _, _, z, h = OPS.fused_mlp_forward(*args, "silu", 0.1)
+    _, _, z, h, _ = OPS.fused_mlp_forward(*args, "silu", 0.1)
     grad_o = torch.randn(2, 3, 3, device="cuda").to(dtype)
     grad_s = torch.randn((), device="cuda").to(dtype)
     for mask in ([True] * 5, [False, True, False, True, False]):
@@ -290,7 +290,7 @@ def test_more_than_2_31_elements():
 
     x, w1, w2 = randn(n, d), randn(width, d, scale=d**-0.5), randn(q, width, scale=width**-0.5)
     b1, b2, grad_o = randn(width), randn(q), randn(n, q)
-    o, _, z, h = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "gelu", 0.0)
+    o, _, z, h, _ = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "gelu", 0.0)
     assert z.numel() > 2**31 and h.numel() > 2**31
     tail = slice(n - 4, n)  # the last row starts at element 2^31
     tol = dict(rtol=2e-2, atol=2e-2)

@@ -373,3 +373,109 @@ def test_parallel_constructors_reject_bad_arguments():
         parallel.shard_sizes(6, 0)
     with pytest.raises(ValueError, match="0 <= rank < world_size = 2, got rank 2"):
         parallel.shard_range(6, 2, 2)
+
+
+# ---------------------------------------------------------------------------
+# Hidden-layer dropout: a probability in [0, 1], checked by the op, its fake
+# kernel and the Python entry points alike (also with training=False, as F.dropout
+# checks p in eval mode).
+
+BAD_DROPOUTS = [(-0.1, "-0.1"), (1.5, "1.5"), (math.nan, "nan"), (math.inf, "inf")]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dropout, shown", BAD_DROPOUTS)
+def test_bad_dropout(dropout, shown, training):
+    x, w1, w2, b1, b2 = _inputs()
+    message = f"expected dropout to be a probability in [0, 1], but got {shown}"
+    with pytest.raises(ValueError) as info:
+        mlp_ext.fused_mlp(x, w1, w2, b1, b2, dropout=dropout, training=training)
+    assert str(info.value) == f"fused_mlp: {message}"
+    with pytest.raises(ValueError) as info:
+        mlp_ext.fused_mlp_loss(x, torch.randint(0, 3, (5,)), w1, w2, b1, b2, dropout=dropout,
+                               training=training)
+    assert str(info.value) == f"fused_mlp_loss: {message}"
+    with pytest.raises(ValueError) as info:
+        mlp_ext.FusedMLP(4, 6, 3, dropout=dropout)
+    assert str(info.value) == f"FusedMLP: {message}"
+    with pytest.raises(ValueError) as info:
+        mlp_ext.memory_footprint(5, 4, 6, 3, dropout=dropout)
+    assert str(info.value) == f"memory_footprint: {message}"
+
+
+# op -> a call of it with the given dropout (the ops below the Python entry points)
+DROPOUT_OP_CALLS = {
+    "fused_mlp": lambda i, p: torch.ops.mlp_ext.fused_mlp(*i, dropout=p),
+    "fused_mlp_forward": lambda i, p: torch.ops.mlp_ext.fused_mlp_forward(*i, "relu", 0.0, p),
+    "fused_mlp_inference": lambda i, p: torch.ops.mlp_ext.fused_mlp_inference(*i, "relu", 0.0, p),
+    "fused_mlp_loss": lambda i, p: torch.ops.mlp_ext.fused_mlp_loss(
+        i[0], torch.randint(0, 3, (5,)), *i[1:], dropout=p),
+}
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("dropout", [-0.1, 1.5, math.nan])
+@pytest.mark.parametrize("op", list(DROPOUT_OP_CALLS))
+def test_ops_check_dropout_eager_fake_and_compiled(op, dropout, requires_grad):
+    call = DROPOUT_OP_CALLS[op]
+    args = _leaves(_inputs(), requires_grad)
+    eager = _raised(lambda: call(args, dropout))
+    assert eager is not None and eager[0] is ValueError
+    assert eager[1] == f"fused_mlp: expected dropout to be a probability in [0, 1], but got " \
+                       f"{dropout:g}"
+    mode = FakeTensorMode()
+    fake_args = _faked(args, mode)
+    with mode:
+        assert _raised(lambda: call(fake_args, dropout)) == eager
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(lambda *a: call(a, dropout), fullgraph=True, backend="eager")(*args)
+    assert any(type(e) is ValueError and str(e) == eager[1] for e in _cause_chain(info.value))
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("dropout", True, "dropout to be a real number, but got bool"),
+    ("dropout", "0.5", "dropout to be a real number, but got str"),
+    ("dropout", None, "dropout to be a real number, but got NoneType"),
+    ("training", 1, "training to be a bool, but got int"),
+    ("training", None, "training to be a bool, but got NoneType"),
+])
+def test_dropout_arguments_of_the_wrong_type(name, value, expected):
+    x, w1, w2, b1, b2 = _inputs()
+    with pytest.raises(TypeError, match=f"fused_mlp: expected {expected}"):
+        mlp_ext.fused_mlp(x, w1, w2, b1, b2, **{name: value})
+    with pytest.raises(TypeError, match=f"fused_mlp_loss: expected {expected}"):
+        mlp_ext.fused_mlp_loss(x, torch.randint(0, 3, (5,)), w1, w2, b1, b2, **{name: value})
+    if name == "dropout":
+        with pytest.raises(TypeError, match=f"FusedMLP: expected {expected}"):
+            mlp_ext.FusedMLP(4, 6, 3, dropout=value)
+
+
+# name -> the backward op's arguments (dropout_mask, dropout) that replace good ones
+DROPOUT_BACKWARD_CASES = {
+    "dropout without a mask": (None, 0.5),
+    "mask of another shape": (torch.ones(5, 7, dtype=torch.bool), 0.5),
+    "uint8 mask": (torch.ones(5, 6, dtype=torch.uint8), 0.5),
+    "float mask": (torch.ones(5, 6), 0.5),
+    "dropout above 1": (torch.ones(5, 6, dtype=torch.bool), 1.5),
+    "negative dropout": (torch.ones(5, 6, dtype=torch.bool), -0.5),
+    "meta mask": (torch.ones(5, 6, dtype=torch.bool, device="meta"), 0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPOUT_BACKWARD_CASES))
+def test_backward_op_checks_the_dropout_mask_eager_and_fake(case):
+    mask, dropout = DROPOUT_BACKWARD_CASES[case]
+    args = _backward_args() + [mask, dropout]
+    op = torch.ops.mlp_ext.fused_mlp_backward
+    if mask is not None and mask.is_meta:  # a meta tensor wins the dispatch: fake kernel only
+        with pytest.raises(RuntimeError, match=r"expected dropout_mask on the device of z \(cpu\), "
+                                               r"but got dropout_mask on meta"):
+            op(*args)
+        return
+    eager = _raised(lambda: op(*args))
+    assert eager is not None and "fused_mlp_backward" in eager[1] and "dropout" in eager[1], eager
+    mode = FakeTensorMode()
+    fake_args = _faked(args, mode)
+    with mode:
+        assert _raised(lambda: op(*fake_args)) == eager

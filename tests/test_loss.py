@@ -179,7 +179,7 @@ def test_opcheck(device, loss, kind, bias):
     opcheck(OPS.fused_mlp_loss_forward.default, (*forward_args, False))
     forward_args = (*forward_args, True)
     opcheck(OPS.fused_mlp_loss_forward.default, forward_args)
-    _, _, dloss_do, z, h = OPS.fused_mlp_loss_forward(*forward_args)
+    _, _, dloss_do, z, h, _ = OPS.fused_mlp_loss_forward(*forward_args)
     for grad_J, grad_o in [(torch.tensor(2.0, device=device), None),
                            (None, torch.randn(2, 3, 3, device=device)),
                            (torch.tensor(1.0, device=device), torch.randn(2, 3, 3, device=device))]:

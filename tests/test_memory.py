@@ -143,7 +143,7 @@ def test_backward_op_recomputes_h_when_absent():
     """The op level: fused_mlp_backward with h=None equals it with the saved h."""
     ops = torch.ops.mlp_ext
     x, w1, w2, b1 = torch.randn(6, 5), torch.randn(7, 5), torch.randn(3, 7), torch.randn(7)
-    _, _, z, h = ops.fused_mlp_forward(x, w1, w2, b1, None, "sigmoid", 0.1)
+    _, _, z, h, _ = ops.fused_mlp_forward(x, w1, w2, b1, None, "sigmoid", 0.1)
     z_before = z.clone()
     grad_o, grad_s = torch.randn(6, 3), torch.tensor(0.5)
     mask = [True, True, True, True, True]

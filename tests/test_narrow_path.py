@@ -16,9 +16,10 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def choice(n=4096, d=64, h=64, q=64, dtype=torch.float16, *, allow_tf32=False, aligned=True,
-           compute_capability=9, smem_per_block=H100_SMEM, mode="on"):
+           compute_capability=9, smem_per_block=H100_SMEM, mode="on", dropout=False):
     return torch.ops.mlp_ext._narrow_path_choice(
-        n, d, h, q, dtype, allow_tf32, aligned, compute_capability, smem_per_block, mode)
+        n, d, h, q, dtype, allow_tf32, aligned, compute_capability, smem_per_block, mode,
+        dropout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -70,6 +71,8 @@ REFUSED = {  # choice(**kwargs) -> "gemm: <reason matching the pattern>"
     "48 KB of shared memory": (dict(d=128, h=128, q=128, smem_per_block=48 * 1024),
                                "shared memory"),
     "misaligned": (dict(aligned=False), "aligned"),
+    "dropout": (dict(dropout=True), "hidden-layer dropout"),
+    "dropout, auto": (dict(dropout=True, mode="auto"), "hidden-layer dropout"),
     "auto, float32 at width 128": (dict(dtype=torch.float32, allow_tf32=True, d=128, mode="auto"),
                                    "expected faster"),
 }
@@ -80,6 +83,15 @@ def test_refusals_name_their_reason(case):
     kwargs, reason = REFUSED[case]
     result = choice(**kwargs)
     assert result.startswith("gemm:") and reason in result, result
+
+
+def test_dropout_refused_on_every_covered_problem():
+    """The fused kernels have no dropout mask: every problem they take without
+    dropout goes to the GEMM path with it (which draws and applies the mask)."""
+    for d, h, q in itertools.product((16, 64, 128), repeat=3):
+        assert choice(d=d, h=h, q=q).startswith("fused:")
+        assert choice(d=d, h=h, q=q, dropout=True) == \
+            "gemm: hidden-layer dropout (the fused kernels have none)"
 
 
 def test_off_wins_over_everything():

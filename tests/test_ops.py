@@ -23,7 +23,7 @@ def test_opcheck_forward_and_backward_ops(device, bias):
     x, w1, w2, b1, b2 = make_inputs(batch_shape=(2, 3), d=5, h=7, q=3, bias=bias,
                                     dtype=torch.float32, device=device, requires_grad=False)
     opcheck(OPS.fused_mlp_forward.default, (x, w1, w2, b1, b2, "silu", 0.1))
-    _, _, z, h = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "silu", 0.1)
+    _, _, z, h, _ = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "silu", 0.1)
     grad_o = torch.randn(2, 3, 3, device=device)
     grad_s = torch.randn((), device=device)
     for mask in ([True] * 5, [False, True, False, True, False], [True, False, False, False, True]):
@@ -40,7 +40,7 @@ def test_inference_op_is_the_forward_without_z_and_h(device, bias, activation):
     x, w1, w2, b1, b2 = make_inputs(batch_shape=(3, 4), d=9, h=33, q=5, bias=bias,
                                     dtype=torch.float64, device=device, requires_grad=False)
     opcheck(OPS.fused_mlp_inference.default, (x, w1, w2, b1, b2, activation, 0.1))
-    o, s, _, _ = OPS.fused_mlp_forward(x, w1, w2, b1, b2, activation, 0.1)
+    o, s, _, _, _ = OPS.fused_mlp_forward(x, w1, w2, b1, b2, activation, 0.1)
     o_inf, s_inf = OPS.fused_mlp_inference(x, w1, w2, b1, b2, activation, 0.1)
     assert o_inf.shape == (3, 4, 5) and o_inf.is_contiguous()
     assert torch.equal(o_inf, o) and torch.equal(s_inf, s)
@@ -63,7 +63,7 @@ def test_inference_op_checks_its_arguments(device):
 
 def test_backward_op_returns_only_the_masked_gradients(device):
     x, w1, w2, b1, b2 = make_inputs(dtype=torch.float32, device=device, requires_grad=False)
-    _, _, z, h = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "tanh", 0.0)
+    _, _, z, h, _ = OPS.fused_mlp_forward(x, w1, w2, b1, b2, "tanh", 0.0)
     grads = OPS.fused_mlp_backward(torch.randn(5, 3, device=device), None, x, w1, w2, z, h,
                                    "tanh", 0.0, [False, True, False, False, True])
     assert [g is not None for g in grads] == [False, True, False, False, True]

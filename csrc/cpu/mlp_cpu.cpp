@@ -41,12 +41,45 @@ Tensor penalty_cpu(const Tensor& w1, const Tensor& w2, double weight_decay) {
   return s;
 }
 
+// g *= mask * scale, element by element as a product (so that NaN and Inf in a
+// dropped unit propagate as in torch's dropout, which multiplies by 0); the rows
+// split over the threads like ATen's elementwise kernels.
+template <typename T>
+void apply_mask(T* g, const bool* mask, T scale, int64_t size) {
+  at::parallel_for(0, size, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      g[i] = g[i] * (mask[i] ? scale : T(0));
+    }
+  });
+}
+
+void apply_dropout_cpu(Tensor& g, const Tensor& mask, double p) {
+  TORCH_INTERNAL_ASSERT(g.is_contiguous() && mask.is_contiguous() && g.numel() == mask.numel());
+  if (g.scalar_type() == at::kDouble) {
+    apply_mask(g.data_ptr<double>(), mask.const_data_ptr<bool>(), dropout_scale(p), g.numel());
+  } else {
+    apply_mask(
+        g.data_ptr<float>(), mask.const_data_ptr<bool>(), static_cast<float>(dropout_scale(p)),
+        g.numel());
+  }
+}
+
+// The mask from torch's CPU generator by ATen's bernoulli_ (its lock, its
+// per-element draws; MKL's on Intel CPUs), so that torch.manual_seed reproduces
+// it and it is the mask nn.Dropout would draw into a tensor of that shape.
+void dropout_cpu(Tensor& h, Tensor& mask, double p) {
+  mask.bernoulli_(1 - p);
+  apply_dropout_cpu(h, mask, p);
+}
+
 DeviceKernels make_cpu_kernels() {
   DeviceKernels k{bias_activation_cpu, activation_backward_cpu, penalty_cpu,
                   /*reduced_precision=*/false};
   k.matmul = cpu_matmul;
   k.column_sums = column_sums_cpu;
   k.activation_in_place = true;  // each vector is read before it is written
+  k.dropout = dropout_cpu;
+  k.apply_dropout = apply_dropout_cpu;
   return k;
 }
 

@@ -15,6 +15,7 @@
 // has to be measured on a GPU before it earns that.
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
@@ -23,6 +24,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 
 #include "../device_registration.h"
 #include "../mlp.h"
@@ -117,6 +119,55 @@ Tensor penalty_cuda(const Tensor& w1, const Tensor& w2, double weight_decay) {
   return s;
 }
 
+// Seed and offset for one dropout draw from the device's default CUDA generator,
+// advanced as torch's own random kernels advance it (philox_cuda_state under the
+// generator's lock; graph-safe: under capture the kernel reads them on the
+// device), so that torch.manual_seed / torch.cuda.manual_seed reproduce the mask.
+gpu::PhiloxState philox_state(const Tensor& t) {
+  const at::Generator& generator = at::cuda::detail::getDefaultCUDAGenerator(t.get_device());
+  auto* impl = generator.get<at::CUDAGeneratorImpl>();
+  at::PhiloxCudaState state;
+  {
+    std::lock_guard<std::mutex> lock(impl->mutex_);
+    state = impl->philox_cuda_state(gpu::kDropoutPhiloxIncrement);
+  }
+  gpu::PhiloxState philox;
+  if (state.captured_) {
+    philox.seed_ptr = state.seed_.ptr;
+    philox.offset_ptr = state.offset_.ptr;
+    philox.offset_intragraph = static_cast<uint64_t>(state.offset_intragraph_);
+  } else {
+    philox.seed = state.seed_.val;
+    philox.offset = state.offset_.val;
+  }
+  return philox;
+}
+
+void dropout_cuda(Tensor& h, Tensor& mask, double p) {
+  TORCH_INTERNAL_ASSERT(
+      h.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kBool &&
+      mask.numel() == h.numel());
+  const gpu::PhiloxState philox = philox_state(h);
+  dispatch_cuda_dtype(h.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(gpu::dropout<T>(
+        ptr<T>(h), static_cast<uint8_t*>(mask.data_ptr()), h.numel(), 1.0 - p,
+        dropout_scale(p), philox, current_stream(h)));
+  });
+}
+
+void apply_dropout_cuda(Tensor& g, const Tensor& mask, double p) {
+  TORCH_INTERNAL_ASSERT(
+      g.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kBool &&
+      mask.numel() == g.numel());
+  dispatch_cuda_dtype(g.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(gpu::apply_dropout<T>(
+        ptr<T>(g), static_cast<const uint8_t*>(mask.const_data_ptr()), g.numel(),
+        dropout_scale(p), current_stream(g)));
+  });
+}
+
 // ---------------------------------------------------------------------------
 // The fully fused narrow-MLP kernels (narrow_mlp.cu)
 
@@ -164,9 +215,10 @@ void* mutable_data_or_null(Tensor& t) {
 // read (contiguous); what they write is allocated fresh, so aligned.
 bool take_narrow_path(
     NarrowMode mode, int64_t n, const Tensor& w1, const Tensor& w2,
-    std::initializer_list<const Tensor*> inputs) {
+    std::initializer_list<const Tensor*> inputs, bool dropout) {
   NarrowProblem p;
   p.n = n, p.d = w1.size(1), p.h = w1.size(0), p.q = w2.size(0);
+  p.dropout = dropout;
   p.dtype = narrow_dtype(w1.scalar_type());
   p.allow_tf32 = tf32_allowed();
   for (const Tensor* t : inputs) {
@@ -182,7 +234,8 @@ bool take_narrow_path(
 // are neither written nor returned.
 std::optional<ForwardResult> narrow_forward(
     const Tensor& x, const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& b1,
-    const std::optional<Tensor>& b2, Activation act, double weight_decay, bool keep_z) {
+    const std::optional<Tensor>& b2, Activation act, double weight_decay, double dropout,
+    bool keep_z) {
   const NarrowMode mode = narrow_mode();
   if (mode == NarrowMode::Off) {
     return std::nullopt;
@@ -192,7 +245,7 @@ std::optional<ForwardResult> narrow_forward(
   // Contiguous copies, bound to locals that outlive the launch.
   const Tensor xc = x.reshape({n, d}).contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
   const Tensor b1c = b1 ? b1->contiguous() : Tensor(), b2c = b2 ? b2->contiguous() : Tensor();
-  if (!take_narrow_path(mode, n, w1, w2, {&xc, &w1c, &w2c})) {
+  if (!take_narrow_path(mode, n, w1, w2, {&xc, &w1c, &w2c}, dropout > 0)) {
     return std::nullopt;
   }
   Tensor o = at::empty({n, q}, x.options());
@@ -213,15 +266,16 @@ std::optional<ForwardResult> narrow_forward(
     o_shape.back() = q;
     o = o.view(o_shape);
   }
-  return ForwardResult{o, s, z, hidden};
+  return ForwardResult{o, s, z, hidden, at::empty({0}, x.options().dtype(at::kBool))};
 }
 
 // DeviceKernels::fully_fused_backward: the backward on the narrow kernels, or
 // nullopt where the GEMM path takes the call.
 std::optional<BackwardResult> narrow_backward(
     const Tensor& grad_o, const std::optional<Tensor>& grad_s, const Tensor& x, const Tensor& w1,
-    const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h, Activation act,
-    double weight_decay, std::array<bool, 5> output_mask) {
+    const Tensor& w2, const Tensor& z, const std::optional<Tensor>& h,
+    const std::optional<Tensor>& dropout_mask, Activation act, double weight_decay,
+    std::array<bool, 5> output_mask) {
   const NarrowMode mode = narrow_mode();
   if (mode == NarrowMode::Off) {
     return std::nullopt;
@@ -232,7 +286,8 @@ std::optional<BackwardResult> narrow_backward(
   const Tensor go = grad_o.reshape({n, q}).contiguous(), xc = x.reshape({n, d}).contiguous();
   const Tensor w1c = w1.contiguous(), w2c = w2.contiguous(), zc = z.contiguous();
   const Tensor hc = h ? h->contiguous() : Tensor();  // absent: recomputed on chip as phi(z)
-  if (!take_narrow_path(mode, n, w1, w2, {&go, &xc, &w1c, &w2c, &zc, &hc})) {
+  if (!take_narrow_path(
+          mode, n, w1, w2, {&go, &xc, &w1c, &w2c, &zc, &hc}, dropout_mask.has_value())) {
     return std::nullopt;
   }
   // g_s stays on the device (reading it would synchronize); the kernel reads it.
@@ -269,6 +324,8 @@ DeviceKernels make_cuda_kernels() {
       bias_activation_cuda, activation_backward_cuda, penalty_cuda, /*reduced_precision=*/true};
   k.fully_fused_forward = narrow_forward;
   k.fully_fused_backward = narrow_backward;
+  k.dropout = dropout_cuda;
+  k.apply_dropout = apply_dropout_cuda;
   return k;
 }
 
@@ -295,7 +352,8 @@ std::tuple<Tensor, Tensor> fused_mlp_autocast(
     const std::optional<Tensor>& b2,
     c10::string_view activation,
     double weight_decay,
-    bool save_hidden) {
+    bool save_hidden,
+    double dropout) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   const auto& op = fused_mlp_op();
   // With inputs on several devices nothing is cast, so that the argument checks
@@ -305,12 +363,13 @@ std::tuple<Tensor, Tensor> fused_mlp_autocast(
   };
   if (!x.is_cuda() || !on_device_of_x(w1) || !on_device_of_x(w2) || !on_device_of_x(b1) ||
       !on_device_of_x(b2)) {
-    return op.call(x, w1, w2, b1, b2, activation, weight_decay, save_hidden);
+    return op.call(x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout);
   }
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
   const auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, at::kCUDA); };
   return op.call(
-      cast(x), cast(w1), cast(w2), cast(b1), cast(b2), activation, weight_decay, save_hidden);
+      cast(x), cast(w1), cast(w2), cast(b1), cast(b2), activation, weight_decay, save_hidden,
+      dropout);
 }
 
 }  // namespace

@@ -15,6 +15,8 @@
 // and so every result bit -- is the same on the vector and the scalar path.
 #include "mlp_kernels.cuh"
 
+#include "philox.cuh"
+
 #include <algorithm>
 #include <climits>
 
@@ -345,6 +347,60 @@ __global__ void __launch_bounds__(kThreads) penalty_finish_kernel(
   }
 }
 
+// ---------------------------------------------------------------------------
+// Dropout: grid-stride loops (the mask does not depend on the grid)
+
+constexpr int64_t kMaxDropoutBlocks = 4 * kTargetBlocks;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dropout_kernel(
+    T* __restrict__ h,
+    uint8_t* __restrict__ mask,
+    int64_t size,
+    acc_t<T> keep,
+    acc_t<T> scale,
+    PhiloxState philox) {
+  using C = Convert<T>;
+  using Acc = acc_t<T>;
+  uint64_t seed = philox.seed, offset = philox.offset;
+  if (philox.seed_ptr != nullptr) {  // captured in a CUDA graph
+    seed = static_cast<uint64_t>(*philox.seed_ptr);
+    offset = static_cast<uint64_t>(*philox.offset_ptr) + philox.offset_intragraph;
+  }
+  const int64_t groups = (size + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += stride) {
+    const philox::Words words = philox::philox_words(seed, static_cast<uint64_t>(g), offset);
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int64_t i = 4 * g + v;
+      if (i < size) {
+        // Compared in the accumulate type, as torch's fused dropout compares.
+        const bool kept = static_cast<Acc>(philox::uniform(words.v[v])) < keep;
+        mask[i] = kept ? 1 : 0;
+        h[i] = C::from_acc(mul_rn(C::to_acc(h[i]), kept ? scale : Acc(0)));
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) apply_dropout_kernel(
+    T* __restrict__ g, const uint8_t* __restrict__ mask, int64_t size, acc_t<T> scale) {
+  using C = Convert<T>;
+  using Acc = acc_t<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < size;
+       i += stride) {
+    g[i] = C::from_acc(mul_rn(C::to_acc(g[i]), mask[i] != 0 ? scale : Acc(0)));
+  }
+}
+
+unsigned dropout_blocks(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(items, kThreads), 1, kMaxDropoutBlocks));
+}
+
 int64_t penalty_blocks(int64_t n1, int64_t n2) {
   return std::clamp<int64_t>(
       ceil_div(n1 + n2, kThreads * kPenaltyElementsPerThread), 1, kMaxPenaltyBlocks);
@@ -476,6 +532,30 @@ cudaError_t penalty(
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t dropout(
+    T* h, uint8_t* mask, int64_t size, double keep, double scale, PhiloxState philox,
+    cudaStream_t stream) {
+  if (size <= 0) {
+    return cudaSuccess;
+  }
+  using Acc = acc_t<T>;
+  dropout_kernel<T><<<dropout_blocks(ceil_div(size, 4)), kThreads, 0, stream>>>(
+      h, mask, size, static_cast<Acc>(keep), static_cast<Acc>(scale), philox);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t apply_dropout(
+    T* g, const uint8_t* mask, int64_t size, double scale, cudaStream_t stream) {
+  if (size <= 0) {
+    return cudaSuccess;
+  }
+  apply_dropout_kernel<T><<<dropout_blocks(size), kThreads, 0, stream>>>(
+      g, mask, size, static_cast<acc_t<T>>(scale));
+  return cudaGetLastError();
+}
+
 #define MLP_EXT_INSTANTIATE(T)                                                               \
   template cudaError_t bias_activation<T>(                                                   \
       T*, T*, const T*, int64_t, int64_t, Activation, cudaStream_t);                         \
@@ -483,7 +563,10 @@ cudaError_t penalty(
   template cudaError_t activation_backward<T>(                                               \
       T*, const T*, T*, acc_t<T>*, int64_t, int64_t, Activation, cudaStream_t);              \
   template cudaError_t penalty<T>(                                                           \
-      const T*, int64_t, const T*, int64_t, double, T*, double*, cudaStream_t);
+      const T*, int64_t, const T*, int64_t, double, T*, double*, cudaStream_t);              \
+  template cudaError_t dropout<T>(                                                           \
+      T*, uint8_t*, int64_t, double, double, PhiloxState, cudaStream_t);                     \
+  template cudaError_t apply_dropout<T>(T*, const uint8_t*, int64_t, double, cudaStream_t);
 
 MLP_EXT_INSTANTIATE(float)
 MLP_EXT_INSTANTIATE(double)

@@ -75,4 +75,38 @@ cudaError_t penalty(
     double* scratch,
     cudaStream_t stream);
 
+// ---------------------------------------------------------------------------
+// Hidden-layer dropout
+
+// One dropout draw's Philox seed and offset: torch's PhiloxCudaState as the host
+// unpacked it (only CUDA headers here). Under CUDA graph capture they live on
+// the device: seed = *seed_ptr, offset = *offset_ptr + offset_intragraph, read
+// by the kernel (as at::cuda::philox::unpack does).
+struct PhiloxState {
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+  const int64_t* seed_ptr = nullptr;
+  const int64_t* offset_ptr = nullptr;
+  uint64_t offset_intragraph = 0;
+};
+
+// What one dropout draw advances the generator's offset by (philox_cuda_state's
+// increment, a multiple of 4): every element group reads one Philox block.
+constexpr uint64_t kDropoutPhiloxIncrement = 4;
+
+// Draws the dropout mask of `size` elements and applies it in one pass. Element
+// i = 4 g + v is kept (mask[i] = 1) when uniform(word v of philox_words(seed, g,
+// offset)) < keep (philox.cuh: the first curand_uniform4 of curand_init(seed,
+// g, offset), as torch's dropout draws), and h[i] = h[i] * (kept ? scale : 0).
+// The mask depends on seed, offset and i only, not on the launch shape.
+template <typename T>
+cudaError_t dropout(
+    T* h, uint8_t* mask, int64_t size, double keep, double scale, PhiloxState philox,
+    cudaStream_t stream);
+
+// g[i] = g[i] * (mask[i] ? scale : 0): the backward's G_H, a recomputed h.
+template <typename T>
+cudaError_t apply_dropout(
+    T* g, const uint8_t* mask, int64_t size, double scale, cudaStream_t stream);
+
 }  // namespace mlp_ext::gpu

@@ -132,6 +132,7 @@ struct NarrowProblem {
   bool aligned = true;                   // every array the kernels touch is 16-byte aligned
   int compute_capability = 0;            // major version of the device's
   int smem_per_block = 0;                // bytes of opt-in dynamic shared memory per block
+  bool dropout = false;                  // hidden-layer dropout (dropout > 0, or a mask given)
 };
 
 struct NarrowChoice {
@@ -144,6 +145,8 @@ struct NarrowChoice {
 // mode whether a covered problem takes them.
 inline NarrowChoice choose_narrow_path(NarrowMode mode, const NarrowProblem& p) {
   if (mode == NarrowMode::Off) return {false, "MLP_EXT_NARROW is off"};
+  // The fused kernels keep H on chip and have no mask to draw or apply.
+  if (p.dropout) return {false, "hidden-layer dropout (the fused kernels have none)"};
   if (!p.dtype) return {false, "dtype not covered (float16, bfloat16 or float32 only)"};
   if (*p.dtype == NarrowDType::Float32 && !p.allow_tf32) {
     return {false, "float32 without TF32 (allowed by torch.backends.cuda.matmul.allow_tf32)"};

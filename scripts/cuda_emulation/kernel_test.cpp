@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mlp_kernels.cuh"
+#include "philox.cuh"
 
 using namespace mlp_ext;
 
@@ -204,6 +205,89 @@ void check_penalty(int64_t n1, int64_t n2, const char* type_name) {
   expect(same_bits(results[0], results[1]), where + " differs between aligned and misaligned");
 }
 
+// Philox4x32-10 against the known-answer vectors of Random123 (kat_vectors), the
+// generator curand and torch implement.
+void check_philox() {
+  namespace ph = gpu::philox;
+  const struct {
+    ph::Words counter;
+    uint32_t k0, k1;
+    ph::Words expected;
+  } cases[] = {
+      {{{0, 0, 0, 0}}, 0, 0, {{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}}},
+      {{{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}}, 0xffffffffu, 0xffffffffu,
+       {{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}}},
+      {{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u,
+       {{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}}},
+  };
+  for (const auto& c : cases) {
+    const ph::Words got = ph::philox4x32_10(c.counter, c.k0, c.k1);
+    for (int v = 0; v < 4; ++v) {
+      expect(got.v[v] == c.expected.v[v], "philox4x32_10 known answer, word " + std::to_string(v));
+    }
+  }
+  // curand_init(seed, subsequence, offset): the offset / 4 in the low counter
+  // words, the subsequence in the high ones, the seed as the key.
+  const ph::Words a = ph::philox_words(0x0123456789abcdefull, 0x1122334455667788ull, 40);
+  const ph::Words b = ph::philox4x32_10(
+      ph::Words{{10, 0, 0x55667788u, 0x11223344u}}, 0x89abcdefu, 0x01234567u);
+  for (int v = 0; v < 4; ++v) {
+    expect(a.v[v] == b.v[v], "philox_words counter and key layout");
+  }
+  expect(ph::uniform(0) > 0.0f && ph::uniform(0xffffffffu) <= 1.0f, "uniform in (0, 1]");
+}
+
+// dropout: mask[i] from word i % 4 of the Philox block of group i / 4, h scaled
+// or zeroed; the mask is the same from the host's seed and from device pointers
+// (graph capture); apply_dropout applies a given mask.
+template <typename T>
+void check_dropout(int64_t size, double p, const char* type_name) {
+  const std::string where =
+      std::string(type_name) + " dropout size " + std::to_string(size) + " p " + std::to_string(p);
+  const auto h0 = random_values<T>(size);
+  const double keep = 1 - p, scale = p < 1 ? 1 / (1 - p) : 0;
+  const uint64_t seed = 0x5eed1234abcdull, offset = 8;
+  Buffer<T> h(size, 0), g(size, 0);
+  Buffer<uint8_t> mask(size, 0), mask2(size, 0);
+  std::copy(h0.begin(), h0.end(), h.data);
+  gpu::PhiloxState philox;
+  philox.seed = seed, philox.offset = offset;
+  expect(gpu::dropout<T>(h.data, mask.data, size, keep, scale, philox, nullptr) == cudaSuccess,
+         where + " status");
+  int64_t kept = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    const auto words = gpu::philox::philox_words(seed, static_cast<uint64_t>(i / 4), offset);
+    const bool expected_kept =
+        static_cast<gpu::acc_t<T>>(gpu::philox::uniform(words.v[i % 4])) <
+        static_cast<gpu::acc_t<T>>(keep);
+    expect(mask.data[i] == (expected_kept ? 1 : 0), where + " mask at " + std::to_string(i));
+    const T expected = from_acc<T>(
+        to_acc(h0[i]) * (expected_kept ? static_cast<gpu::acc_t<T>>(scale) : gpu::acc_t<T>(0)));
+    expect(same_bits(h.data[i], expected), where + " value at " + std::to_string(i));
+    kept += expected_kept;
+  }
+  if (size >= 4000 && p > 0 && p < 1) {  // the keep rate, within 6 standard deviations
+    const double sd = std::sqrt(size * p * (1 - p));
+    expect(std::abs(kept - size * keep) <= 6 * sd, where + " keep rate");
+  }
+  // Captured: seed and offset read on the device (offset = extragraph + intragraph).
+  const int64_t device_seed = static_cast<int64_t>(seed), device_offset = 4;
+  gpu::PhiloxState captured;
+  captured.seed_ptr = &device_seed, captured.offset_ptr = &device_offset;
+  captured.offset_intragraph = offset - 4;
+  std::copy(h0.begin(), h0.end(), g.data);
+  expect(gpu::dropout<T>(g.data, mask2.data, size, keep, scale, captured, nullptr) == cudaSuccess,
+         where + " captured status");
+  expect(std::equal(mask.data, mask.data + size, mask2.data), where + " captured mask");
+  // apply_dropout: the same mask on a fresh copy gives the same bits.
+  std::copy(h0.begin(), h0.end(), g.data);
+  expect(gpu::apply_dropout<T>(g.data, mask.data, size, scale, nullptr) == cudaSuccess,
+         where + " apply status");
+  for (int64_t i = 0; i < size; ++i) {
+    expect(same_bits(g.data[i], h.data[i]), where + " apply at " + std::to_string(i));
+  }
+}
+
 template <typename T>
 void check_type(const char* type_name) {
   const Activation acts[] = {Activation::Identity, Activation::Relu, Activation::Sigmoid,
@@ -233,11 +317,17 @@ void check_type(const char* type_name) {
                      {70001, 3}}) {
     check_penalty<T>(sizes.first, sizes.second, type_name);
   }
+  // Sizes: empty, below one group, not a multiple of 4, several blocks.
+  for (int64_t size : {0, 3, 37, 5003}) {
+    check_dropout<T>(size, 0.3, type_name);
+  }
+  check_dropout<T>(41, 1.0, type_name);
 }
 
 }  // namespace
 
 int main() {
+  check_philox();
   check_type<float>("float32");
   check_type<double>("float64");
   check_type<__half>("float16");
