@@ -208,8 +208,9 @@ template <typename T>
 void check_type(const char* type_name) {
   const Activation acts[] = {Activation::Identity, Activation::Relu, Activation::Sigmoid,
                              Activation::Tanh, Activation::Gelu, Activation::GeluTanh,
-                             Activation::Silu};
-  const char* names[] = {"identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"};
+                             Activation::Silu, Activation::QuickGelu};
+  const char* names[] = {"identity", "relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu",
+                         "quick_gelu"};
   const auto check = [&](int64_t rows, int64_t width, int a) {
     visit_activation(acts[a], [&](auto act) {
       check_shape<T, decltype(act)>(rows, width, type_name, names[a], acts[a]);
@@ -225,7 +226,7 @@ void check_type(const char* type_name) {
     check(shape[0], shape[1], 0);
     check(shape[0], shape[1], 4);
   }
-  for (int a : {1, 2, 3, 5, 6}) {
+  for (int a : {1, 2, 3, 5, 6, 7}) {
     check(5, 6, a);
     check(77, 35, a);
   }
