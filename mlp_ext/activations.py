@@ -197,16 +197,23 @@ def _by_probe(value) -> str:
                      f"{nearest!r}, off by {deviations[nearest]:.3g} relative; allowed {_RTOL:g})")
 
 
-def resolve_activation(activation, *, where: str = "mlp_ext", argument: str = "activation") -> str:
+def resolve_activation(activation, *, where: str = "mlp_ext", argument: str = "activation",
+                       unknown_names_to_op: bool = False) -> str:
     """The canonical name (one of ``mlp_ext.ACTIVATIONS``) of an activation given by
     name, module, module class or function; see the module docstring.
 
     Raises TypeError for a value of another kind and ValueError for a name or an
     object that is none of the supported functions, naming ``where``, ``argument``,
-    the value and what is accepted.
+    the value and what is accepted. With ``unknown_names_to_op`` an unknown name is
+    returned as it is, for the operator to reject: fused_mlp and fused_mlp_loss do
+    that so that eager, FakeTensor, torch.compile and torch.export raise the one
+    message (a ValueError raised by Python code that dynamo traces comes out of
+    torch.compile as an Unsupported error instead).
     """
     if isinstance(activation, str):
         name = ALIASES.get(activation)
+        if name is None and unknown_names_to_op:
+            return activation
         if name is None:
             raise ValueError(f"{where}: unknown activation {activation!r} for argument {argument}; "
                              f"expected one of {_accepted_names()}, an activation module or a "

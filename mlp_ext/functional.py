@@ -22,11 +22,13 @@ def check_tensor(op: str, name: str, value, optional: bool = False) -> None:
         raise TypeError(f"{op}: expected {name} to be {expected}, but got {_type_name(value)}")
 
 
-def check_options(op: str, activation, weight_decay, save_hidden) -> str:
+def check_options(op: str, activation, weight_decay, save_hidden, *,
+                  unknown_names_to_op: bool = False) -> str:
     """TypeError for options of the wrong type (the op's schema would otherwise coerce
     True or a one-element tensor to a float silently); returns the canonical name of
-    the activation (mlp_ext.activations resolves names, aliases, modules, functions)."""
-    activation = resolve_activation(activation, where=op)
+    the activation (mlp_ext.activations resolves names, aliases, modules, functions;
+    with unknown_names_to_op an unknown name goes to the operator, which rejects it)."""
+    activation = resolve_activation(activation, where=op, unknown_names_to_op=unknown_names_to_op)
     if not (type(weight_decay) in (float, int) or (
             isinstance(weight_decay, numbers.Real) and not isinstance(weight_decay, bool))):
         raise TypeError(f"{op}: expected weight_decay to be a real number, but got "
@@ -71,6 +73,7 @@ def fused_mlp(
     check_tensor("fused_mlp", "w2", w2)
     check_tensor("fused_mlp", "b1", b1, optional=True)
     check_tensor("fused_mlp", "b2", b2, optional=True)
-    activation = check_options("fused_mlp", activation, weight_decay, save_hidden)
+    activation = check_options("fused_mlp", activation, weight_decay, save_hidden,
+                               unknown_names_to_op=True)
     return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
                       save_hidden=save_hidden)

@@ -57,7 +57,8 @@ def fused_mlp_loss(
         check_tensor("fused_mlp_loss", name, value)
     check_tensor("fused_mlp_loss", "b1", b1, optional=True)
     check_tensor("fused_mlp_loss", "b2", b2, optional=True)
-    activation = check_options("fused_mlp_loss", activation, weight_decay, save_hidden)
+    activation = check_options("fused_mlp_loss", activation, weight_decay, save_hidden,
+                               unknown_names_to_op=True)
     for name, value in (("loss", loss), ("reduction", reduction)):
         if not isinstance(value, str):
             raise TypeError(f"fused_mlp_loss: expected {name} to be a str, but got "

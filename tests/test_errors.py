@@ -55,16 +55,22 @@ def test_half_precision_on_cpu_is_refused():
 
 @pytest.mark.parametrize("activation", ["RELU", "softmax", ""])
 def test_unknown_activation(activation):
-    # Names are resolved in Python (mlp_ext.activations): the message names the
-    # argument, the value and the accepted names and aliases.
-    with pytest.raises(ValueError, match=f"fused_mlp: unknown activation '{activation}' for argument "
-                                         "activation; expected one of .*'gelu_tanh'.*'swish' -> 'silu'"):
+    # Aliases are resolved in Python (mlp_ext.activations); an unknown name goes on to
+    # the operator, whose message (eager and fake alike) names the value and the names.
+    with pytest.raises(ValueError, match=f'unknown activation "{activation}".*"gelu_tanh".*"quick_gelu"'):
         mlp_ext.fused_mlp(*_inputs(), activation=activation)
+    # FusedMLP (never traced at construction) lists the aliases too.
+    with pytest.raises(ValueError, match=f"FusedMLP: unknown activation '{activation}' for argument "
+                                         "activation; expected one of .*'gelu_tanh'.*'swish' -> 'silu'"):
+        mlp_ext.FusedMLP(4, 6, 3, activation=activation)
 
 
 def test_the_operator_itself_takes_canonical_names_only():
     with pytest.raises(ValueError, match='unknown activation "gelu_new"; expected one of .*"quick_gelu"'):
         torch.ops.mlp_ext.fused_mlp(*_inputs(), activation="gelu_new")
+    inputs = _inputs()
+    torch.testing.assert_close(mlp_ext.fused_mlp(*inputs, activation="gelu_new"),
+                               mlp_ext.fused_mlp(*inputs, activation="gelu_tanh"), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("weight_decay", [-0.1, math.inf, math.nan])
