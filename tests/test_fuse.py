@@ -275,3 +275,49 @@ def test_fused_model_under_compile_and_checkpointing():
     expected_grads = torch.autograd.grad(expected, [x, *model.parameters()], g)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: two Linears (qkv: d -> 3d, proj: d -> d) and no-op children;
+    proj then qkv chains by shape, so only the probe can refuse it."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(d, d)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+
+
+class TimmBlock(nn.Module):
+    """timm's VisionTransformer block with its mlp_layer= argument."""
+
+    def __init__(self, d, h, mlp_layer=TimmMlp):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), TimmAttention(d)
+        self.norm2, self.mlp = nn.LayerNorm(d), mlp_layer(d, h)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_a_vit_replica_gets_its_mlps_fused_and_its_attention_reported():
+    torch.manual_seed(0)
+    vit = nn.Sequential(*[TimmBlock(D, H) for _ in range(2)], nn.LayerNorm(D)).double()
+    original = copy.deepcopy(vit)
+    report = mlp_ext.fuse(vit)
+    assert [r.name for r in report.replaced] == ["0.mlp", "1.mlp"]
+    assert {s.name for s in report.skipped} == {"0.attn", "1.attn"}
+    assert all("does not return one tensor of shape" in s.reason or "differs" in s.reason
+               for s in report.skipped)
+    x = torch.randn(2, 4, D, dtype=torch.float64)
+    torch.testing.assert_close(vit(x), original(x), rtol=1e-12, atol=1e-12)
