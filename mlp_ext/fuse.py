@@ -40,13 +40,14 @@ LLaMA's SwiGLU MLP, which has three Linears), the root module itself (use
 ``mlp_ext.fused_block(block)``, which proves and converts one block).
 """
 import dataclasses
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .activations import resolve_activation
-from .functional import fused_mlp
+from .functional import check_options, fused_mlp
 from .modules import FusedMLP
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -197,19 +198,25 @@ def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device)
 
     d, h, q = fc1.in_features, fc1.out_features, fc2.out_features
-    # Weights of unit gain so that z spans the activations' curved region (|z| ~ 1..3).
-    params = {f"{first}.weight": random(h, d, scale=d ** -0.5),
-              f"{second}.weight": random(q, h, scale=h ** -0.5)}
-    if fc1.bias is not None:
-        params[f"{first}.bias"] = random(h)
-        params[f"{second}.bias"] = random(q)
-    x = random(2, 3, d, scale=2.0)
-    expected, _ = fused_mlp(x, params[f"{first}.weight"], params[f"{second}.weight"],
-                            params.get(f"{first}.bias"), params.get(f"{second}.bias"),
-                            activation=activation)
+    try:
+        # Weights of unit gain so that z spans the activations' curved region (|z| ~ 1..3).
+        params = {f"{first}.weight": random(h, d, scale=d ** -0.5),
+                  f"{second}.weight": random(q, h, scale=h ** -0.5)}
+        if fc1.bias is not None:
+            params[f"{first}.bias"] = random(h)
+            params[f"{second}.bias"] = random(q)
+        x = random(2, 3, d, scale=2.0)
+        expected, _ = fused_mlp(x, params[f"{first}.weight"], params[f"{second}.weight"],
+                                params.get(f"{first}.bias"), params.get(f"{second}.bias"),
+                                activation=activation)
+    except Exception as e:   # e.g. no float64 on this device
+        raise NotFusable(f"the float64 probe cannot run on {device} ({type(e).__name__}: {e})") from None
+    # fork_rng restores the global CPU generator and, on CUDA, this device's.
+    rng_devices = [] if device.type != "cuda" else [
+        device.index if device.index is not None else torch.cuda.current_device()]
     was_training = block.training
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
             for mode in (True, False):
                 block.train(mode)
                 try:
@@ -262,6 +269,9 @@ def fuse(model: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = Tru
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected model to be an nn.Module, but got {type(model).__name__}")
+    check_options("fuse", "identity", weight_decay, save_hidden)
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"fuse: expected weight_decay to be a finite number >= 0, but got {weight_decay}")
     report = FuseReport()
     done: Dict[int, FusedMLP] = {}   # a block shared by several parents is fused once
     seen = set()

@@ -26,6 +26,8 @@ or, in one call, ``logits, s = mlp_ext.forward_with_penalty(model, x)``.
 * Activation checkpointing recomputes blocks during backward: read ``total()``
   before backward (the ``with`` should enclose the forward only).
 * Nested collectors: a block adds its s to the innermost one.
+* ``mlp(x, return_penalty=True)`` inside a collector returns s and collects it too:
+  add one of them to the loss, not both.
 """
 import contextlib
 from typing import Iterator, List, Optional

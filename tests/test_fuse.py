@@ -321,3 +321,13 @@ def test_a_vit_replica_gets_its_mlps_fused_and_its_attention_reported():
                for s in report.skipped)
     x = torch.randn(2, 4, D, dtype=torch.float64)
     torch.testing.assert_close(vit(x), original(x), rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_checks_its_options_before_changing_anything():
+    model = build_model()
+    for bad, exc in [(-1.0, ValueError), (float("nan"), ValueError), ("0.1", TypeError)]:
+        with pytest.raises(exc, match="fuse: expected weight_decay"):
+            mlp_ext.fuse(model, weight_decay=bad)
+    with pytest.raises(TypeError, match="fuse: expected model to be an nn.Module"):
+        mlp_ext.fuse(lambda x: x)
+    assert not any(isinstance(m, FusedMLP) for m in model.modules())
