@@ -87,7 +87,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 ACTIVATION_MODULES = {
     "identity": nn.Identity, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
     "gelu": lambda: nn.GELU(approximate="none"), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "silu": nn.SiLU,
+    "silu": nn.SiLU, "quick_gelu": mlp_ext.activations.QuickGELU,
 }
 MODES = ("inference", "train")
 

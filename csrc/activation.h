@@ -32,6 +32,7 @@ enum class Activation : int64_t {
   Gelu,      // exact: z * Phi(z), Phi the standard normal CDF (erf form)
   GeluTanh,  // the tanh approximation of GELU
   Silu,
+  QuickGelu,  // z * sigmoid(1.702 z): CLIP's (and OpenAI's CLIP checkpoints') activation
 };
 
 // The name the op schemas take (the one torch gives the function, where it has one).
@@ -44,6 +45,7 @@ constexpr std::string_view activation_name(Activation a) {
     case Activation::Gelu: return "gelu";
     case Activation::GeluTanh: return "gelu_tanh";
     case Activation::Silu: return "silu";
+    case Activation::QuickGelu: return "quick_gelu";
   }
   return {};
 }
@@ -51,7 +53,7 @@ constexpr std::string_view activation_name(Activation a) {
 // Every activation, in the enum's order.
 inline constexpr Activation kActivations[] = {
     Activation::Identity, Activation::Relu, Activation::Sigmoid, Activation::Tanh,
-    Activation::Gelu,     Activation::GeluTanh, Activation::Silu};
+    Activation::Gelu,     Activation::GeluTanh, Activation::Silu, Activation::QuickGelu};
 // The value after the last one listed has no name: kActivations covers the enum.
 static_assert(
     activation_name(static_cast<Activation>(std::size(kActivations))).empty(),
@@ -181,6 +183,25 @@ struct Act<Activation::Silu> {
   }
 };
 
+// quick_gelu(z) = z sigmoid(a z), a = 1.702 (Hendrycks & Gimpel's sigmoid
+// approximation of GELU, as CLIP / transformers' QuickGELUActivation compute it):
+// silu of a z, divided by a. phi'(z) = s (1 + a z (1 - s)), s = sigmoid(a z).
+template <>
+struct Act<Activation::QuickGelu> {
+  static constexpr double kAlpha = 1.702;
+  template <typename V>
+  MLP_HOST_DEVICE static V forward(V z) {
+    return z * Act<Activation::Sigmoid>::forward(Math<V>::constant(kAlpha) * z);
+  }
+  template <typename V>
+  MLP_HOST_DEVICE static V derivative(V z) {
+    using M = Math<V>;
+    const V az = M::constant(kAlpha) * z;
+    const V s = Act<Activation::Sigmoid>::forward(az);
+    return s * (M::constant(1.0) + az * (M::constant(1.0) - s));
+  }
+};
+
 // Calls f(Act<A>{}) for the run-time activation a, so kernels are instantiated
 // once per activation and the activation is a compile-time constant inside them.
 template <typename F>
@@ -193,6 +214,7 @@ inline void visit_activation(Activation a, F&& f) {
     case Activation::Gelu: f(Act<Activation::Gelu>{}); return;
     case Activation::GeluTanh: f(Act<Activation::GeluTanh>{}); return;
     case Activation::Silu: f(Act<Activation::Silu>{}); return;
+    case Activation::QuickGelu: f(Act<Activation::QuickGelu>{}); return;
   }
 }
 

@@ -69,6 +69,7 @@ Tensor activation_op(const Tensor& z, Activation act) {
     case Activation::Gelu: return at::gelu(z, "none");
     case Activation::GeluTanh: return at::gelu(z, "tanh");
     case Activation::Silu: return at::silu(z);
+    case Activation::QuickGelu: return z * at::sigmoid(z * Act<Activation::QuickGelu>::kAlpha);
   }
   TORCH_INTERNAL_ASSERT(false, "unreachable");
 }

@@ -9,14 +9,18 @@ import torch  # noqa: F401  (first: _C links against libtorch/libc10, which torc
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.mlp_ext)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
-from . import reference
-from .functional import ACTIVATIONS, fused_mlp
+from . import activations, reference
+from .activations import ACTIVATIONS, resolve_activation
+from .functional import fused_mlp
+from .fuse import FuseReport, NotFusable, fuse, fused_block
 from .loss import fused_mlp_loss
 from .memory import MemoryFootprint, memory_footprint
 from .modules import FusedMLP
+from .penalty import collect_penalty, forward_with_penalty
 
-__all__ = ["ACTIVATIONS", "FusedMLP", "MemoryFootprint", "fused_mlp", "fused_mlp_loss",
-           "memory_footprint", "reference"]
+__all__ = ["ACTIVATIONS", "FuseReport", "FusedMLP", "MemoryFootprint", "NotFusable", "activations",
+           "collect_penalty", "forward_with_penalty", "fuse", "fused_block", "fused_mlp",
+           "fused_mlp_loss", "memory_footprint", "reference", "resolve_activation"]
 __version__ = "0.1.0"
 
 

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-# The names the operator takes, from its one list (csrc/activation.h).
-ACTIVATIONS = tuple(torch.ops.mlp_ext._activation_names())
+from .activations import ACTIVATIONS, resolve_activation  # noqa: F401  (ACTIVATIONS re-exported)
 
 _fused_mlp = torch.ops.mlp_ext.fused_mlp.default
 
@@ -40,17 +39,20 @@ def check_tensor(op: str, name: str, value, optional: bool = False) -> None:
         raise TypeError(f"{op}: expected {name} to be {expected}, but got {_type_name(value)}")
 
 
-def check_options(op: str, activation, weight_decay, save_hidden) -> None:
-    """TypeError for options of the wrong type: the op's schema would otherwise coerce
-    True or a one-element tensor to a float silently."""
-    if not isinstance(activation, str):
-        raise TypeError(f"{op}: expected activation to be a str, but got {_type_name(activation)}")
+def check_options(op: str, activation, weight_decay, save_hidden, *,
+                  unknown_names_to_op: bool = False) -> str:
+    """TypeError for options of the wrong type (the op's schema would otherwise coerce
+    True or a one-element tensor to a float silently); returns the canonical name of
+    the activation (mlp_ext.activations resolves names, aliases, modules, functions;
+    with unknown_names_to_op an unknown name goes to the operator, which rejects it)."""
+    activation = resolve_activation(activation, where=op, unknown_names_to_op=unknown_names_to_op)
     if not (type(weight_decay) in (float, int) or (
             isinstance(weight_decay, numbers.Real) and not isinstance(weight_decay, bool))):
         raise TypeError(f"{op}: expected weight_decay to be a real number, but got "
                         f"{_type_name(weight_decay)}")
     if not isinstance(save_hidden, bool):
         raise TypeError(f"{op}: expected save_hidden to be a bool, but got {_type_name(save_hidden)}")
+    return activation
 
 
 def _is_real(value) -> bool:
@@ -82,7 +84,7 @@ def fused_mlp(
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
     *,
-    activation: str = "relu",
+    activation="relu",
     weight_decay: float = 0.0,
     save_hidden: bool = True,
     dropout: float = 0.0,
@@ -94,7 +96,9 @@ def fused_mlp(
         x: input of shape (*, in_features).
         w1: (hidden_features, in_features);  w2: (out_features, hidden_features).
         b1: (hidden_features,) or None;  b2: (out_features,) or None.
-        activation: one of ``mlp_ext.ACTIVATIONS``.
+        activation: one of ``mlp_ext.ACTIVATIONS``, an alias (torch's, transformers',
+            timm's names), or an activation module or function computing one of them
+            (``mlp_ext.activations``).
         weight_decay: lambda >= 0 of the L2 term s.
         save_hidden: keep the hidden activations h = phi(z) for backward (the
             default); False keeps z only and recomputes h in backward, saving
@@ -117,12 +121,10 @@ def fused_mlp(
     check_tensor("fused_mlp", "w2", w2)
     check_tensor("fused_mlp", "b1", b1, optional=True)
     check_tensor("fused_mlp", "b2", b2, optional=True)
-    check_options("fused_mlp", activation, weight_decay, save_hidden)
-<<<<<<< HEAD
+    activation = check_options("fused_mlp", activation, weight_decay, save_hidden,
+                               unknown_names_to_op=True)
+    check_dropout("fused_mlp", dropout, training)
     if type(w1) is not Tensor and type(w1) is not Parameter:
         register_dtensor_rules(w1)
-=======
-    check_dropout("fused_mlp", dropout, training)
->>>>>>> refs/remotes/h16b/head
     return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
                       save_hidden=save_hidden, dropout=float(dropout) if training else 0.0)

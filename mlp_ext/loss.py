@@ -27,7 +27,7 @@ def fused_mlp_loss(
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
     *,
-    activation: str = "relu",
+    activation="relu",
     weight_decay: float = 0.0,
     loss: str = "cross_entropy",
     reduction: str = "mean",
@@ -60,7 +60,8 @@ def fused_mlp_loss(
         check_tensor("fused_mlp_loss", name, value)
     check_tensor("fused_mlp_loss", "b1", b1, optional=True)
     check_tensor("fused_mlp_loss", "b2", b2, optional=True)
-    check_options("fused_mlp_loss", activation, weight_decay, save_hidden)
+    activation = check_options("fused_mlp_loss", activation, weight_decay, save_hidden,
+                               unknown_names_to_op=True)
     check_dropout("fused_mlp_loss", dropout, training)
     for name, value in (("loss", loss), ("reduction", reduction)):
         if not isinstance(value, str):

@@ -6,9 +6,11 @@ from typing import Tuple, Union
 from torch import Tensor, nn
 from torch.nn import Parameter
 
-from .functional import ACTIVATIONS, check_dropout, check_options, fused_mlp, is_dtensor
+from . import penalty as _penalty
+from .activations import QuickGELU, resolve_activation
+from .functional import check_dropout, check_options, fused_mlp, is_dtensor
 
-# Activation name <-> the nn module of a Sequential.
+# Activation name <-> the nn module of a Sequential (to_sequential builds these).
 _MODULES = {
     "identity": nn.Identity,
     "relu": nn.ReLU,
@@ -17,6 +19,7 @@ _MODULES = {
     "gelu": lambda: nn.GELU(approximate="none"),
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "silu": nn.SiLU,
+    "quick_gelu": QuickGELU,
 }
 
 
@@ -31,16 +34,24 @@ def _attribute(module: nn.Module, name: str):
     return parameters[name] if name in parameters else getattr(module, name)
 
 
-def _activation_name(module: nn.Module) -> str:
-    """The name of an activation module of a Sequential, as _MODULES builds it."""
-    for name, make in _MODULES.items():
-        reference = make()
-        if type(module) is type(reference) and (
-                getattr(module, "approximate", None) == getattr(reference, "approximate", None)):
-            return name
-    raise ValueError(
-        f"FusedMLP.from_sequential: unsupported activation module {module!r}; expected one of "
-        "nn.Identity, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU")
+def _activation_name(module, where: str = "FusedMLP.from_sequential") -> str:
+    """The canonical name of an activation module or function (mlp_ext.activations)."""
+    return resolve_activation(module, where=where)
+
+
+def _check_linears(where: str, fc1, fc2, names=("fc1", "fc2")) -> None:
+    for name, layer in zip(names, (fc1, fc2)):
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"{where}: expected {name} to be an nn.Linear, but got {type(layer).__name__}")
+    if fc1.out_features != fc2.in_features:
+        raise ValueError(f"{where}: {names[0]}.out_features = {fc1.out_features} does not match "
+                         f"{names[1]}.in_features = {fc2.in_features}")
+    if (fc1.bias is None) != (fc2.bias is None):
+        raise ValueError(f"{where}: both Linear layers must have a bias, or neither")
+    if fc1.weight.dtype != fc2.weight.dtype or fc1.weight.device != fc2.weight.device:
+        raise ValueError(f"{where}: {names[0]} and {names[1]} must share a dtype and a device, but got "
+                         f"{fc1.weight.dtype} on {fc1.weight.device} and {fc2.weight.dtype} on "
+                         f"{fc2.weight.device}")
 
 
 class FusedMLP(nn.Module):
@@ -63,7 +74,19 @@ class FusedMLP(nn.Module):
     ``dropout=p`` drops hidden units with probability p in training mode
     (``mlp.train()``, the default), as ``nn.Dropout(p)`` between the activation and
     ``fc2`` does; ``mlp.eval()`` turns it off.
+
+    Inside ``mlp_ext.collect_penalty()`` a module with weight_decay > 0 also adds
+    its s to the collector, so that a host model that calls ``mlp(x)`` itself can
+    train J = L + sum of s (see mlp_ext.penalty).
+
+    ``activation`` may be any name, module or function ``mlp_ext.resolve_activation``
+    accepts; the module keeps the canonical name.
     """
+
+    # The names of the two Linear children. from_linears may register them under
+    # the names a host model gave them (a Sequential's "0" and "2"), so that
+    # state_dict keys do not change when a block is fused.
+    _linear_names: Tuple[str, str] = ("fc1", "fc2")
 
     def __init__(
         self,
@@ -71,7 +94,7 @@ class FusedMLP(nn.Module):
         hidden_features: int,
         out_features: int,
         *,
-        activation: str = "relu",
+        activation="relu",
         bias: bool = True,
         weight_decay: float = 0.0,
         save_hidden: bool = True,
@@ -90,10 +113,8 @@ class FusedMLP(nn.Module):
         for name, value in (("bias", bias), ("save_hidden", save_hidden)):
             if not isinstance(value, bool):
                 raise TypeError(f"FusedMLP: expected {name} to be a bool, but got {type(value).__name__}")
-        check_options("FusedMLP", activation, weight_decay, save_hidden)
+        activation = check_options("FusedMLP", activation, weight_decay, save_hidden)
         check_dropout("FusedMLP", dropout)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"FusedMLP: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
         if not math.isfinite(weight_decay) or weight_decay < 0:
             raise ValueError(f"FusedMLP: expected weight_decay to be a finite number >= 0, but got "
                              f"{weight_decay}")
@@ -104,6 +125,14 @@ class FusedMLP(nn.Module):
         self.weight_decay = float(weight_decay)
         self.save_hidden = bool(save_hidden)
         self.dropout = float(dropout)
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self._modules[self._linear_names[0]]
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self._modules[self._linear_names[1]]
 
     @property
     def in_features(self) -> int:
@@ -118,20 +147,23 @@ class FusedMLP(nn.Module):
         return self.fc2.out_features
 
     def forward(self, x: Tensor, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        fc1, fc2 = self._modules["fc1"], self._modules["fc2"]
+        names = self._linear_names
+        fc1, fc2 = self._modules[names[0]], self._modules[names[1]]
         w1 = _attribute(fc1, "weight")
         if type(w1) is not Parameter and type(w1) is not Tensor and is_dtensor(w1):
             # Tensor parallel (parallelize_module): DTensor weights (mlp_ext/_dtensor.py).
             from ._dtensor import fused_mlp_module_forward
             return fused_mlp_module_forward(self, x, w1, _attribute(fc2, "weight"), _attribute(fc1, "bias"),
                                             _attribute(fc2, "bias"), return_penalty)
-        # Without return_penalty s is dropped: let the op skip computing it.
+        # Without return_penalty or a collector s is dropped: let the op skip computing it.
+        collector = _penalty._ACTIVE[-1] if _penalty._ACTIVE and self.weight_decay else None
         o, s = fused_mlp(x, w1, _attribute(fc2, "weight"),
                          _attribute(fc1, "bias"), _attribute(fc2, "bias"),
                          activation=self.activation,
-                         weight_decay=self.weight_decay if return_penalty else 0.0,
-                         save_hidden=self.save_hidden, dropout=self.dropout,
-                         training=self.training)
+                         weight_decay=self.weight_decay if return_penalty or collector is not None else 0.0,
+                         save_hidden=self.save_hidden, dropout=self.dropout, training=self.training)
+        if collector is not None:
+            collector.add(s)
         return (o, s) if return_penalty else o
 
     def extra_repr(self) -> str:
@@ -142,14 +174,52 @@ class FusedMLP(nn.Module):
                 + (f", dropout={self.dropout}" if self.dropout else ""))
 
     @classmethod
+    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, activation="relu", *,
+                     weight_decay: float = 0.0, save_hidden: bool = True, dropout: float = 0.0,
+                     names: Tuple[str, str] = ("fc1", "fc2")) -> "FusedMLP":
+        """FusedMLP around existing Linear modules: o = fc2(phi(fc1(x))).
+
+        ``fc1`` and ``fc2`` are shared, not copied: their parameters (identity,
+        optimizer state, hooks on them) stay as they are. ``activation`` is any name,
+        module or function ``mlp_ext.resolve_activation`` accepts. ``names`` are the
+        child names the Linears get (by default fc1, fc2); give a host block's own
+        names to keep its state_dict keys. ``dropout`` is the hidden-layer dropout
+        (training mode only). Consumes no random numbers.
+        """
+        where = "FusedMLP.from_linears"
+        _check_linears(where, fc1, fc2)
+        activation = check_options(where, activation, weight_decay, save_hidden)
+        check_dropout(where, dropout)
+        if not math.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(f"{where}: expected weight_decay to be a finite number >= 0, but got "
+                             f"{weight_decay}")
+        if not (isinstance(names, (tuple, list)) and len(names) == 2
+                and all(isinstance(n, str) and n and "." not in n for n in names)
+                and names[0] != names[1]):
+            raise ValueError(f"{where}: expected names to be two distinct module names, but got "
+                             f"{names!r}")
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        if tuple(names) != cls._linear_names:
+            mlp._linear_names = tuple(names)
+        mlp._modules[names[0]] = fc1
+        mlp._modules[names[1]] = fc2
+        mlp.activation = activation
+        mlp.weight_decay = float(weight_decay)
+        mlp.save_hidden = bool(save_hidden)
+        mlp.dropout = float(dropout)
+        return mlp
+
+    @classmethod
     def from_sequential(cls, seq: nn.Sequential, *, weight_decay: float = 0.0,
                         save_hidden: bool = True, copy_weights: bool = False) -> "FusedMLP":
         """FusedMLP of nn.Sequential(nn.Linear, activation, [nn.Dropout,] nn.Linear).
 
-        The Linear modules are shared with ``seq`` (training one trains the
-        other) unless ``copy_weights=True``, which deep-copies them. An
-        nn.Dropout(p) between the activation and the second Linear becomes
-        ``dropout=p``.
+        The activation is any module ``mlp_ext.resolve_activation`` recognises
+        (torch.nn's, transformers', timm's, a user's). The Linear modules are shared
+        with ``seq`` (training one trains the other) unless ``copy_weights=True``,
+        which deep-copies them. An nn.Dropout(p) between the activation and the
+        second Linear becomes ``dropout=p``.
         """
         # An nn.Dropout before the second Linear: the hidden-layer dropout.
         dropout = 0.0
@@ -166,21 +236,18 @@ class FusedMLP(nn.Module):
                              f"not match seq[2].in_features = {fc2.in_features}")
         if (fc1.bias is None) != (fc2.bias is None):
             raise ValueError("FusedMLP.from_sequential: both Linear layers must have a bias, or neither")
+        activation = _activation_name(act)
         if copy_weights:
             fc1, fc2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
-        mlp = cls.__new__(cls)
-        nn.Module.__init__(mlp)
-        mlp.fc1, mlp.fc2 = fc1, fc2
-        mlp.activation = _activation_name(act)
-        mlp.weight_decay = float(weight_decay)
-        mlp.save_hidden = bool(save_hidden)
-        mlp.dropout = dropout
-        return mlp
+        return cls.from_linears(fc1, fc2, activation, weight_decay=weight_decay,
+                                save_hidden=save_hidden, dropout=dropout)
 
     def to_sequential(self, *, copy_weights: bool = False) -> nn.Sequential:
         """The equivalent nn.Sequential (with nn.Dropout(p) before the second Linear
         when dropout > 0); its Linear layers are this module's own (shared) unless
         ``copy_weights=True``. Weight decay is not part of it."""
-        fc1, fc2 = (copy.deepcopy(self.fc1), copy.deepcopy(self.fc2)) if copy_weights else (self.fc1, self.fc2)
+        fc1, fc2 = self.fc1, self.fc2
+        if copy_weights:
+            fc1, fc2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
         dropout = [nn.Dropout(self.dropout)] if self.dropout else []
         return nn.Sequential(fc1, _MODULES[self.activation](), *dropout, fc2)

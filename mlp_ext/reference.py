@@ -26,6 +26,7 @@ _PHI = {
     "gelu": lambda z: F.gelu(z, approximate="none"),
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
 }
 
 
@@ -45,6 +46,7 @@ _PHI_DERIVATIVE = {
     + z * torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi),
     "gelu_tanh": _gelu_tanh_derivative,
     "silu": lambda z: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
+    "quick_gelu": lambda z: torch.sigmoid(1.702 * z) * (1 + 1.702 * z * (1 - torch.sigmoid(1.702 * z))),
 }
 
 

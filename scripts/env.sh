@@ -31,6 +31,12 @@ fi
 "$PY" -c "import ninja, pytest, hypothesis, numpy, matplotlib, tqdm, sklearn, graphviz" 2>/dev/null ||
   pip_install ninja pytest hypothesis numpy matplotlib tqdm scikit-learn graphviz setuptools wheel
 
+# Hugging Face transformers for tests/test_fuse_libraries.py (mlp_ext.fuse on CLIP, SigLIP, OPT).
+# It does not depend on torch, so it cannot replace the one above. (timm is not installed:
+# it needs torchvision, whose PyPI Linux wheel for torch 2.13 is a CUDA build that does not
+# import next to the CPU torch; see that test file.)
+"$PY" -c "import transformers" 2>/dev/null || pip_install transformers
+
 # Graphviz's `dot` draws `python -m mlp_ext.graph` (tests/test_graph.py); installed only when missing.
 if ! command -v dot >/dev/null 2>&1; then
   echo "mlp_ext: installing graphviz (dot)" >&2

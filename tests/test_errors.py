@@ -55,8 +55,22 @@ def test_half_precision_on_cpu_is_refused():
 
 @pytest.mark.parametrize("activation", ["RELU", "softmax", ""])
 def test_unknown_activation(activation):
-    with pytest.raises(ValueError, match=f'unknown activation "{activation}".*"gelu_tanh"'):
+    # Aliases are resolved in Python (mlp_ext.activations); an unknown name goes on to
+    # the operator, whose message (eager and fake alike) names the value and the names.
+    with pytest.raises(ValueError, match=f'unknown activation "{activation}".*"gelu_tanh".*"quick_gelu"'):
         mlp_ext.fused_mlp(*_inputs(), activation=activation)
+    # FusedMLP (never traced at construction) lists the aliases too.
+    with pytest.raises(ValueError, match=f"FusedMLP: unknown activation '{activation}' for argument "
+                                         "activation; expected one of .*'gelu_tanh'.*'swish' -> 'silu'"):
+        mlp_ext.FusedMLP(4, 6, 3, activation=activation)
+
+
+def test_the_operator_itself_takes_canonical_names_only():
+    with pytest.raises(ValueError, match='unknown activation "gelu_new"; expected one of .*"quick_gelu"'):
+        torch.ops.mlp_ext.fused_mlp(*_inputs(), activation="gelu_new")
+    inputs = _inputs()
+    torch.testing.assert_close(mlp_ext.fused_mlp(*inputs, activation="gelu_new"),
+                               mlp_ext.fused_mlp(*inputs, activation="gelu_tanh"), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("weight_decay", [-0.1, math.inf, math.nan])
@@ -66,8 +80,8 @@ def test_bad_weight_decay(weight_decay):
 
 
 def test_module_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        mlp_ext.FusedMLP(4, 6, 3, activation="swish")
+    with pytest.raises(ValueError, match="unknown activation 'swoosh'"):
+        mlp_ext.FusedMLP(4, 6, 3, activation="swoosh")
     with pytest.raises(ValueError, match="weight_decay"):
         mlp_ext.FusedMLP(4, 6, 3, weight_decay=-1.0)
     with pytest.raises(RuntimeError, match=r"x.shape\[-1\] = 5 does not match in_features"):
@@ -219,7 +233,7 @@ LOSS_CASES = {
     "mse target of another shape": {"loss": "mse", "target": torch.rand(5, 2)},
     "mse int64 target": {"loss": "mse", "target": torch.randint(0, 3, (5, 3))},
     "x of another width": {"x": torch.randn(5, 7)},
-    "unknown activation": {"activation": "gelu_new"},
+    "unknown activation": {"activation": "gelu_newest"},
 }
 
 
@@ -283,7 +297,9 @@ def test_backward_op_checks_its_arguments_eager_and_fake(case):
     ("w1", None, "w1 to be a Tensor, but got NoneType"),
     ("w2", [[1.0]], "w2 to be a Tensor, but got list"),
     ("b1", "zeros", "b1 to be a Tensor or None, but got str"),
-    ("activation", torch.nn.ReLU, "activation to be a str, but got type"),
+    ("activation", 3, "activation to be a str, an activation module or a function, but got int"),
+    ("activation", int, "activation to be a str, an activation module or a function, but got the "
+                        "class int"),
     ("weight_decay", True, "weight_decay to be a real number, but got bool"),
     ("weight_decay", torch.tensor([0.1]), "weight_decay to be a real number, but got Tensor"),
     ("weight_decay", "0.1", "weight_decay to be a real number, but got str"),
@@ -322,8 +338,9 @@ def test_loss_arguments_of_the_wrong_type(name, value, exc, expected):
     (dict(in_features=-1), ValueError, "in_features >= 0, but got -1"),
     (dict(bias=None), TypeError, "bias to be a bool, but got NoneType"),
     (dict(save_hidden="no"), TypeError, "save_hidden to be a bool, but got str"),
-    (dict(activation=3), TypeError, "activation to be a str, but got int"),
-    (dict(activation="swish"), ValueError, "unknown activation 'swish'"),
+    (dict(activation=3), TypeError, "activation to be a str, an activation module or a function, "
+                                    "but got int"),
+    (dict(activation="swoosh"), ValueError, "unknown activation 'swoosh'"),
     (dict(weight_decay="1e-4"), TypeError, "weight_decay to be a real number, but got str"),
     (dict(weight_decay=math.nan), ValueError, "weight_decay to be a finite number >= 0"),
 ])

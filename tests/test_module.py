@@ -10,6 +10,7 @@ from mlp_ext import FusedMLP, reference
 SEQUENTIAL_ACTIVATIONS = {
     "identity": nn.Identity(), "relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(),
     "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(),
+    "quick_gelu": mlp_ext.activations.QuickGELU(),
 }
 
 
@@ -44,7 +45,7 @@ def test_round_trip_shares_or_copies_weights():
 def test_from_sequential_rejects_other_architectures():
     with pytest.raises(ValueError, match="expected nn.Sequential"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
-    with pytest.raises(ValueError, match="unsupported activation module"):
+    with pytest.raises(ValueError, match="Softmax.*is not a supported activation"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(2, 3), nn.Softmax(-1), nn.Linear(3, 1)))
     with pytest.raises(ValueError, match="out_features = 3 does not match seq\\[2\\].in_features = 4"):
         FusedMLP.from_sequential(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(4, 1)))

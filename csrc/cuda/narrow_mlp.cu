@@ -514,6 +514,7 @@ __device__ __forceinline__ void with_activation(Activation a, F&& f) {
     case Activation::Gelu: f(Act<Activation::Gelu>{}); break;
     case Activation::GeluTanh: f(Act<Activation::GeluTanh>{}); break;
     case Activation::Silu: f(Act<Activation::Silu>{}); break;
+    case Activation::QuickGelu: f(Act<Activation::QuickGelu>{}); break;
   }
 }
 

@@ -1,0 +1,316 @@
+"""mlp_ext.fuse(model): replace, in place, every MLP block of a model that can be
+proven equivalent to a FusedMLP, and report what was replaced and what was not.
+
+A block is a candidate when it is
+
+* an ``nn.Sequential`` of Linear, activation, Linear (no-op modules may stand
+  between and after them), or
+* any module whose direct children are exactly two ``nn.Linear`` (any names:
+  CLIP's / SigLIP's ``fc1, activation_fn, fc2``, timm's ``fc1, act, drop1, norm,
+  fc2, drop2``), one activation (a child module, or a function held as an
+  attribute) and otherwise only no-op modules: ``nn.Identity`` and dropout with
+  ``p == 0``.
+
+It is **replaced** only when all of these hold (otherwise it is left alone and
+the report says why):
+
+1. structure: no parameters or buffers besides the two Linears' (a LayerNorm
+   between them, a learned activation, an attention sub-layer: refused), dropout
+   only with p == 0, the Linears chain (``fc1.out_features == fc2.in_features``),
+   both or neither have a bias, no hooks on the block or its Linears (the fused op
+   would bypass them), no parametrized Linear weights;
+2. the activation is recognised (``mlp_ext.resolve_activation``);
+3. the probe: the block's own ``forward`` is run, in ``train()`` and in ``eval()``
+   mode, in float64 on the parameters' device with **random** weights of the
+   Linears' shapes (``torch.func.functional_call``; the real weights are not used,
+   so a zero-initialized layer cannot hide a difference), on a random input of
+   shape (2, 3, in_features), and must agree with ``fused_mlp`` to 1e-10 relative.
+   The random numbers come from a private generator: the global RNG is untouched.
+
+The replacement is ``FusedMLP.from_linears`` with the block's own Linear modules
+under the block's own names, so the parameters (identity, optimizer state),
+``state_dict()`` keys and everything that saves and loads by them
+(``save_pretrained`` / ``from_pretrained``, checkpoints) are unchanged. The
+activation module itself holds no state and goes.
+
+Not replaced (reported): a Linear-activation-Linear run inside a longer
+``nn.Sequential`` (replacing it would renumber the keys of what follows), blocks
+whose forward does more than the composition (a residual, a scale, a gate such as
+LLaMA's SwiGLU MLP, which has three Linears), the root module itself (use
+``mlp_ext.fused_block(block)``, which proves and converts one block).
+"""
+import dataclasses
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .activations import resolve_activation
+from .functional import check_options, fused_mlp
+from .modules import FusedMLP
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.FeatureAlphaDropout)
+_PROBE_RTOL = 1e-10
+
+
+class NotFusable(ValueError):
+    """A module that is not provably an MLP block (the message says why)."""
+
+
+@dataclasses.dataclass
+class Replaced:
+    name: str             # qualified name in the model
+    block: str            # the class of the replaced module
+    activation: str       # canonical name
+    linears: Tuple[str, str]
+    shape: Tuple[int, int, int]   # (in, hidden, out)
+
+
+@dataclasses.dataclass
+class Skipped:
+    name: str
+    block: str
+    reason: str
+
+
+@dataclasses.dataclass
+class FuseReport:
+    replaced: List[Replaced] = dataclasses.field(default_factory=list)
+    skipped: List[Skipped] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"mlp_ext.fuse: {len(self.replaced)} block(s) replaced, "
+                 f"{len(self.skipped)} skipped"]
+        for r in self.replaced:
+            lines.append(f"  replaced {r.name} ({r.block}): {r.linears[0]} -> {r.activation} -> "
+                         f"{r.linears[1]}, {r.shape[0]}x{r.shape[1]}x{r.shape[2]}")
+        for s in self.skipped:
+            lines.append(f"  skipped  {s.name} ({s.block}): {s.reason}")
+        return "\n".join(lines)
+
+
+def _has_state(module: nn.Module) -> List[str]:
+    return ([n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()])
+
+
+def _hooks(module: nn.Module) -> List[str]:
+    names = ["_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"]
+    return [n.strip("_") for n in names if getattr(module, n, None)]
+
+
+def _is_noop(module: nn.Module) -> Optional[bool]:
+    """True for modules that are the identity in train and eval mode, False for a
+    dropout that is not, None for anything else."""
+    if type(module) is nn.Identity:
+        return True
+    if isinstance(module, _DROPOUTS):
+        return module.p == 0
+    return None
+
+
+def _linear_children(block: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    return [(n, c) for n, c in block.named_children() if isinstance(c, nn.Linear)]
+
+
+def _is_candidate(block: nn.Module) -> bool:
+    return len(_linear_children(block)) == 2
+
+
+def _plan(block: nn.Module) -> Tuple[str, str, str]:
+    """(name of fc1, activation, name of fc2) of a candidate block, or NotFusable."""
+    linears = _linear_children(block)
+    if len(linears) != 2:
+        raise NotFusable(f"has {len(linears)} Linear children, not 2")
+    others = [(n, c) for n, c in block.named_children() if not isinstance(c, nn.Linear)]
+    stateful = [n for n, c in others if _has_state(c)]
+    if stateful:
+        raise NotFusable("holds other modules with parameters or buffers "
+                         f"({', '.join(stateful)}): not only Linear -> activation -> Linear")
+    own = [n for n, _ in block.named_parameters(recurse=False)] + [
+        n for n, _ in block.named_buffers(recurse=False)]
+    if own:
+        raise NotFusable(f"holds its own parameters or buffers ({', '.join(own)})")
+    hooks = _hooks(block)
+    for n, c in linears:
+        hooks += [f"{n}.{h}" for h in _hooks(c)]
+        if torch.nn.utils.parametrize.is_parametrized(c):
+            raise NotFusable(f"{n} has parametrized weights")
+        if type(c) is not nn.Linear:
+            raise NotFusable(f"{n} is a {type(c).__name__}, a subclass of nn.Linear")
+    if hooks:
+        raise NotFusable(f"has hooks the fused op would bypass ({', '.join(hooks)})")
+    activations, identities = [], []
+    for n, c in others:
+        noop = _is_noop(c)
+        if noop is True:
+            identities.append(n)
+            continue
+        if noop is False:
+            raise NotFusable(f"{n} = {c!r} is not a no-op in training (dropout p > 0)")
+        try:
+            activations.append((n, resolve_activation(c, where="fuse", argument=n)))
+        except (TypeError, ValueError) as e:
+            raise NotFusable(str(e)) from None
+    if not activations:
+        # A function held as an attribute (self.act = F.gelu).
+        for n, value in vars(block).items():
+            if n.startswith("_") or isinstance(value, (nn.Module, Tensor, type)) or not callable(value):
+                continue
+            try:
+                activations.append((n, resolve_activation(value, where="fuse", argument=n)))
+            except (TypeError, ValueError):
+                pass
+    if len(activations) > 1:
+        names = [n for n, a in activations if a != "identity"]
+        if len(names) > 1:
+            raise NotFusable(f"has more than one activation ({', '.join(names)})")
+        activations = [(n, a) for n, a in activations if a != "identity"]
+    activation = activations[0][1] if activations else "identity"
+    (n1, l1), (n2, l2) = linears
+    chains = [(a, b) for (a, la), (b, lb) in ((linears[0], linears[1]), (linears[1], linears[0]))
+              if la.out_features == lb.in_features]
+    if not chains:
+        raise NotFusable(f"the Linears do not chain ({n1}: {l1.in_features}->{l1.out_features}, "
+                         f"{n2}: {l2.in_features}->{l2.out_features})")
+    first, second = chains[0]   # both chain (square): registration order
+    fc1, fc2 = dict(linears)[first], dict(linears)[second]
+    if (fc1.bias is None) != (fc2.bias is None):
+        raise NotFusable("one Linear has a bias and the other not")
+    if fc1.weight.dtype != fc2.weight.dtype or fc1.weight.device != fc2.weight.device:
+        raise NotFusable("the Linears differ in dtype or device")
+    if fc1.weight.device.type == "meta":
+        raise NotFusable("its parameters are on the meta device")
+    if not fc1.weight.is_floating_point():
+        raise NotFusable(f"its weights are {fc1.weight.dtype}")
+    if fc1.weight.device.type == "cpu" and fc1.weight.dtype not in (torch.float32, torch.float64):
+        # The CPU operator takes float32 and float64 (the half types run on CUDA).
+        raise NotFusable(f"its weights are {fc1.weight.dtype} on the CPU, where the operator takes "
+                         "float32 and float64")
+    return first, activation, second
+
+
+def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
+    """Run the block's own forward on random float64 weights and input (train and
+    eval mode) against fused_mlp; NotFusable when they differ."""
+    fc1, fc2 = block._modules[first], block._modules[second]
+    device = fc1.weight.device
+    generator = torch.Generator().manual_seed(0x5EED)
+
+    def random(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device)
+
+    d, h, q = fc1.in_features, fc1.out_features, fc2.out_features
+    try:
+        # Weights of unit gain so that z spans the activations' curved region (|z| ~ 1..3).
+        params = {f"{first}.weight": random(h, d, scale=d ** -0.5),
+                  f"{second}.weight": random(q, h, scale=h ** -0.5)}
+        if fc1.bias is not None:
+            params[f"{first}.bias"] = random(h)
+            params[f"{second}.bias"] = random(q)
+        x = random(2, 3, d, scale=2.0)
+        expected, _ = fused_mlp(x, params[f"{first}.weight"], params[f"{second}.weight"],
+                                params.get(f"{first}.bias"), params.get(f"{second}.bias"),
+                                activation=activation)
+    except Exception as e:   # e.g. no float64 on this device
+        raise NotFusable(f"the float64 probe cannot run on {device} ({type(e).__name__}: {e})") from None
+    # fork_rng restores the global CPU generator and, on CUDA, this device's.
+    rng_devices = [] if device.type != "cuda" else [
+        device.index if device.index is not None else torch.cuda.current_device()]
+    was_training = block.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+            for mode in (True, False):
+                block.train(mode)
+                try:
+                    out = torch.func.functional_call(block, params, (x.clone(),))
+                except Exception as e:
+                    raise NotFusable(f"its forward failed on the probe input ({type(e).__name__}: "
+                                     f"{e})") from None
+                if not isinstance(out, Tensor) or out.shape != expected.shape:
+                    raise NotFusable("its forward does not return one tensor of shape (*, out_features)")
+                if out.dtype != torch.float64:
+                    raise NotFusable(f"its forward returns {out.dtype} for float64 input")
+                error = float(((out - expected).abs() / (1 + expected.abs())).max())
+                if not error <= _PROBE_RTOL:
+                    raise NotFusable(f"its forward differs from {second}({activation}({first}(x))) on "
+                                     f"the probe by {error:.3g} ({'train' if mode else 'eval'} mode)")
+    finally:
+        block.train(was_training)
+
+
+def fused_block(block: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = True) -> FusedMLP:
+    """The FusedMLP equivalent to ``block`` (sharing its Linear modules under their
+    names), proven as ``fuse`` proves it; NotFusable (a ValueError) says why not."""
+    first, activation, second = _plan(block)
+    _verify(block, first, activation, second)
+    fc1, fc2 = block._modules[first], block._modules[second]
+    fused = FusedMLP.from_linears(fc1, fc2, activation, weight_decay=weight_decay,
+                                  save_hidden=save_hidden, names=(first, second))
+    fused.train(block.training)
+    return fused
+
+
+def _sequential_runs(seq: nn.Sequential) -> bool:
+    """Whether a longer Sequential holds a Linear, activation, Linear run."""
+    items = list(seq)
+    for i in range(len(items) - 2):
+        if (isinstance(items[i], nn.Linear) and isinstance(items[i + 2], nn.Linear)
+                and not _has_state(items[i + 1])):
+            return True
+    return False
+
+
+def fuse(model: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = True) -> FuseReport:
+    """Replace in place every MLP block of ``model`` proven equivalent to a FusedMLP
+    (see this module's docstring for the rule); returns the report of what was
+    replaced and what was skipped, and why.
+
+    ``weight_decay`` and ``save_hidden`` are given to every FusedMLP; with
+    weight_decay > 0 run the forward inside ``mlp_ext.collect_penalty()`` to get the
+    blocks' s. Consumes no random numbers; the Linear modules stay the same objects.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: expected model to be an nn.Module, but got {type(model).__name__}")
+    check_options("fuse", "identity", weight_decay, save_hidden)
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"fuse: expected weight_decay to be a finite number >= 0, but got {weight_decay}")
+    report = FuseReport()
+    done: Dict[int, FusedMLP] = {}   # a block shared by several parents is fused once
+    seen = set()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            qualified = prefix + name
+            if id(child) in done:
+                parent._modules[name] = done[id(child)]
+                continue
+            if isinstance(child, FusedMLP) or id(child) in seen:
+                continue
+            seen.add(id(child))
+            if _is_candidate(child):
+                try:
+                    fused = fused_block(child, weight_decay=weight_decay, save_hidden=save_hidden)
+                except NotFusable as e:
+                    report.skipped.append(Skipped(qualified, type(child).__name__, str(e)))
+                else:
+                    parent._modules[name] = fused
+                    done[id(child)] = fused
+                    report.replaced.append(Replaced(
+                        qualified, type(child).__name__, fused.activation, fused._linear_names,
+                        (fused.in_features, fused.hidden_features, fused.out_features)))
+                    continue
+            elif isinstance(child, nn.Sequential) and _sequential_runs(child):
+                report.skipped.append(Skipped(
+                    qualified, type(child).__name__, "a Linear, activation, Linear run inside a longer "
+                    "nn.Sequential: replacing it would renumber the state_dict keys after it"))
+            visit(child, qualified + ".")
+
+    if _is_candidate(model):
+        report.skipped.append(Skipped("", type(model).__name__, "the root module cannot be replaced "
+                                      "in place; use mlp_ext.fused_block(model)"))
+    visit(model, "")
+    return report

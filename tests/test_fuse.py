@@ -1,0 +1,344 @@
+"""mlp_ext.fuse on structural replicas of the MLP blocks of well-known libraries
+(transformers' CLIPMLP / SiglipMLP: fc1, activation_fn, fc2; timm's Mlp: fc1, act,
+drop1, norm, fc2, drop2; OPT's decoder layer, whose fc1 / fc2 sit in the layer
+itself), and on blocks it must refuse. tests/test_fuse_libraries.py runs the real
+libraries' models."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import mlp_ext
+from mlp_ext import FusedMLP
+
+
+class QuickGELUActivation(nn.Module):   # as transformers writes it
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class NewGELUActivation(nn.Module):     # transformers' gelu_new
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, d, h, act):
+        super().__init__()
+        self.activation_fn = act
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, d)
+
+    def forward(self, hidden_states):
+        hidden_states = self.fc1(hidden_states)
+        hidden_states = self.activation_fn(hidden_states)
+        return self.fc2(hidden_states)
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, d, h, act_layer=nn.GELU, drop=0.0, norm_layer=None, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(h) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(h, d, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.act(x)
+        x = self.drop1(x)
+        x = self.norm(x)
+        x = self.fc2(x)
+        return self.drop2(x)
+
+
+class Layer(nn.Module):
+    """A pre-norm transformer-like layer around an MLP block."""
+
+    def __init__(self, d, mlp):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.Linear(d, d)
+        self.mlp = mlp
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.mlp(self.norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.out_proj(x)
+
+
+class OPTLikeLayer(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.self_attn = Attention(d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, d)
+        self.activation_fn = nn.ReLU()
+
+    def forward(self, x):
+        x = x + self.self_attn(x)
+        return x + self.fc2(self.activation_fn(self.fc1(self.final_layer_norm(x))))
+
+
+class Residual(CLIPMLP):
+    def forward(self, x):
+        return self.fc2(self.activation_fn(self.fc1(x))) + x
+
+
+class IgnoresItsActivation(CLIPMLP):
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Swapped(CLIPMLP):   # square: fc2 then fc1 would chain too; the probe tells
+    def forward(self, x):
+        return self.fc1(self.activation_fn(self.fc2(x)))
+
+
+D, H = 6, 10
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        Layer(D, CLIPMLP(D, H, QuickGELUActivation())),
+        Layer(D, TimmMlp(D, H)),
+        Layer(D, TimmMlp(D, H, act_layer=NewGELUActivation, bias=False)),
+        Layer(D, nn.Sequential(nn.Linear(D, H), nn.SiLU(), nn.Linear(H, D))),
+        Layer(D, Residual(D, H, nn.GELU())),
+        Layer(D, IgnoresItsActivation(D, H, nn.GELU())),
+        Layer(D, TimmMlp(D, H, drop=0.1)),
+        Layer(D, TimmMlp(D, H, norm_layer=nn.LayerNorm)),
+        Layer(D, CLIPMLP(D, H, nn.PReLU())),
+        OPTLikeLayer(D, H),
+        nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, D)),
+    ).double()
+
+
+def test_fuse_replaces_what_it_can_prove_and_reports_the_rest():
+    model = build_model()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    rng = torch.get_rng_state()
+    report = mlp_ext.fuse(model)
+    assert torch.equal(torch.get_rng_state(), rng)          # no random numbers consumed
+    replaced = {r.name: r for r in report.replaced}
+    assert set(replaced) == {"0.mlp", "1.mlp", "2.mlp", "3.mlp"}
+    assert replaced["0.mlp"].activation == "quick_gelu" and replaced["0.mlp"].block == "CLIPMLP"
+    assert replaced["1.mlp"].activation == "gelu"
+    assert replaced["2.mlp"].activation == "gelu_tanh"
+    assert replaced["3.mlp"].activation == "silu" and replaced["3.mlp"].linears == ("0", "2")
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert "differs from fc2(gelu(fc1(x)))" in skipped["4.mlp"]          # the residual
+    assert "differs from fc2(gelu(fc1(x)))" in skipped["5.mlp"]          # ignores self.act
+    assert "not a no-op in training" in skipped["6.mlp"]
+    assert "holds other modules with parameters or buffers (norm)" in skipped["7.mlp"]
+    assert "holds other modules with parameters or buffers (activation_fn)" in skipped["8.mlp"]
+    assert "self_attn" in skipped["9"] and "final_layer_norm" in skipped["9"]
+    assert "renumber the state_dict keys" in skipped["10"]
+    text = str(report)
+    assert "4 block(s) replaced" in text and "skipped  9 (OPTLikeLayer)" in text
+    for i in range(4):
+        assert isinstance(model[i].mlp, FusedMLP)
+    # The state is the same objects under the same keys.
+    assert {k: v for k, v in model.state_dict().items()}.keys() == keys.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, keys[k])
+    new_params = dict(model.named_parameters())
+    assert new_params.keys() == params.keys()
+    assert all(new_params[k] is params[k] for k in params)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_model_matches_the_original_in_float64(training):
+    model = build_model()
+    reference_model = copy.deepcopy(model)
+    mlp_ext.fuse(model)
+    model.train(training)
+    reference_model.train(training)
+    x = torch.randn(3, 4, D, dtype=torch.float64)
+    # Dropout(0.1) in layer 6 is left as it was: same RNG state on both sides.
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    expected = reference_model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(model.parameters()), g)
+    expected_grads = torch.autograd.grad(expected, list(reference_model.parameters()), g)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_an_existing_optimizer_keeps_training_the_same_parameters():
+    model = build_model()
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, twin)]
+    x = torch.randn(5, D, dtype=torch.float64)
+    for step in range(3):
+        if step == 1:
+            mlp_ext.fuse(model)   # mid-training, the optimizer made before
+        for m, opt in zip((model, twin), opts):
+            opt.zero_grad()
+            torch.manual_seed(step)   # the same masks for the Dropout(0.1) left in layer 6
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_round_trip_with_an_unfused_model():
+    fused = build_model()
+    mlp_ext.fuse(fused)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(0.5)
+    plain = build_model()
+    plain.load_state_dict(fused.state_dict())              # saved fused, loaded unfused
+    again = build_model()
+    mlp_ext.fuse(again)
+    again.load_state_dict(plain.state_dict())              # and back
+    x = torch.randn(2, D, dtype=torch.float64)
+    for m in (fused, plain, again):
+        m.eval()   # the Dropout(0.1) left in layer 6
+    torch.testing.assert_close(again(x), plain(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_block_shared_by_two_parents_is_fused_once():
+    block = CLIPMLP(D, H, nn.GELU())
+    model = nn.ModuleDict({"a": Layer(D, block), "b": Layer(D, block)}).double()
+    report = mlp_ext.fuse(model)
+    assert model["a"].mlp is model["b"].mlp and isinstance(model["a"].mlp, FusedMLP)
+    assert [r.name for r in report.replaced] == ["a.mlp"]
+
+
+def test_the_root_and_hooked_blocks_are_left_alone():
+    block = CLIPMLP(D, H, nn.GELU())
+    report = mlp_ext.fuse(block)
+    assert report.replaced == [] and "root module" in report.skipped[0].reason
+    fused = mlp_ext.fused_block(block)
+    assert fused.fc1 is block.fc1 and fused.activation == "gelu"
+    hooked = Layer(D, CLIPMLP(D, H, nn.GELU()))
+    hooked.mlp.fc1.register_forward_hook(lambda *a: None)
+    report = mlp_ext.fuse(hooked)
+    assert "hooks" in report.skipped[0].reason and not isinstance(hooked.mlp, FusedMLP)
+    with pytest.raises(mlp_ext.NotFusable, match="hooks"):
+        mlp_ext.fused_block(hooked.mlp)
+
+
+def test_the_probe_uses_random_weights_not_the_real_ones():
+    """A zero fc2 would make any hidden function look right on the real weights."""
+    block = IgnoresItsActivation(D, H, nn.GELU())
+    nn.init.zeros_(block.fc2.weight)
+    with pytest.raises(mlp_ext.NotFusable, match="differs"):
+        mlp_ext.fused_block(block)
+    swapped = Swapped(D, D, nn.GELU())
+    with pytest.raises(mlp_ext.NotFusable, match="differs"):
+        mlp_ext.fused_block(swapped)
+
+
+def test_fused_model_under_compile_and_checkpointing():
+    model = build_model()
+    mlp_ext.fuse(model, weight_decay=0.01)
+    model.eval()   # the Dropout(0.1) layer left alone: deterministic for the comparison
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    expected = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-12, atol=1e-12)
+
+    def run(block, x):
+        return checkpoint(block, x, use_reentrant=False)
+
+    out = x
+    for layer in model:
+        out = run(layer, out)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *model.parameters()], g)
+    expected_grads = torch.autograd.grad(expected, [x, *model.parameters()], g)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: two Linears (qkv: d -> 3d, proj: d -> d) and no-op children;
+    proj then qkv chains by shape, so only the probe can refuse it."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(d, d)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+
+
+class TimmBlock(nn.Module):
+    """timm's VisionTransformer block with its mlp_layer= argument."""
+
+    def __init__(self, d, h, mlp_layer=TimmMlp):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), TimmAttention(d)
+        self.norm2, self.mlp = nn.LayerNorm(d), mlp_layer(d, h)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_a_vit_replica_gets_its_mlps_fused_and_its_attention_reported():
+    torch.manual_seed(0)
+    vit = nn.Sequential(*[TimmBlock(D, H) for _ in range(2)], nn.LayerNorm(D)).double()
+    original = copy.deepcopy(vit)
+    report = mlp_ext.fuse(vit)
+    assert [r.name for r in report.replaced] == ["0.mlp", "1.mlp"]
+    assert {s.name for s in report.skipped} == {"0.attn", "1.attn"}
+    assert all("does not return one tensor of shape" in s.reason or "differs" in s.reason
+               for s in report.skipped)
+    x = torch.randn(2, 4, D, dtype=torch.float64)
+    torch.testing.assert_close(vit(x), original(x), rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_checks_its_options_before_changing_anything():
+    model = build_model()
+    for bad, exc in [(-1.0, ValueError), (float("nan"), ValueError), ("0.1", TypeError)]:
+        with pytest.raises(exc, match="fuse: expected weight_decay"):
+            mlp_ext.fuse(model, weight_decay=bad)
+    with pytest.raises(TypeError, match="fuse: expected model to be an nn.Module"):
+        mlp_ext.fuse(lambda x: x)
+    assert not any(isinstance(m, FusedMLP) for m in model.modules())
+
+
+def test_float32_is_fused_and_cpu_half_types_are_left_alone():
+    model = build_model().float().eval()
+    original = copy.deepcopy(model)
+    assert len(mlp_ext.fuse(model).replaced) == 4
+    x = torch.randn(3, D)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)   # float32 rounding
+    half = build_model().to(torch.bfloat16)
+    report = mlp_ext.fuse(half)
+    assert report.replaced == [] and "bfloat16 on the CPU" in report.skipped[0].reason
