@@ -16,7 +16,9 @@ MLP_EXT_SKIP_BUILD=1 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"  # .venv, to
 OUTDIR=${1:-$ROOT/dist}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
-"$PY" -c "import build" 2>/dev/null || pip_install build
+# From / : in the tree, its build/ directory would be imported as the package `build`.
+cd /
+"$PY" -c "import build.__main__" 2>/dev/null || pip_install build
 rm -f "$OUTDIR"/mlp_ext-*.whl "$OUTDIR"/mlp_ext-*.tar.gz  # one build's files, no older ones
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 start=$SECONDS

@@ -36,8 +36,13 @@ trap 'rm -rf "$SCRATCH"' EXIT
 DIST=$WORK/dist VENV=$SCRATCH/venv RUN=$SCRATCH/run EMPTY=$SCRATCH/no-compilers
 t0=$SECONDS
 
-echo "== check_wheel: build"
-bash "$ROOT/scripts/build_wheel.sh" "$DIST"
+echo "== check_wheel: build (log: $WORK/build.log)"
+if ! bash "$ROOT/scripts/build_wheel.sh" "$DIST" > "$WORK/build.log" 2>&1; then
+  tail -n 60 "$WORK/build.log"
+  echo "check_wheel: FAILED: scripts/build_wheel.sh (log: $WORK/build.log)" >&2
+  exit 1
+fi
+tail -n 3 "$WORK/build.log"
 WHEEL=$(ls "$DIST"/mlp_ext-*.whl)
 BUILD_PY=${MLP_EXT_VENV:-$ROOT/.venv}/bin/python
 
