@@ -23,6 +23,10 @@ rm -f "$OUTDIR"/mlp_ext-*.whl "$OUTDIR"/mlp_ext-*.tar.gz  # one build's files, n
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 start=$SECONDS
 # --no-isolation: compile against the torch installed here, not one pip would fetch.
+egg_info_existed=$([ -e "$ROOT/mlp_ext.egg-info" ] && echo 1 || true)
 "$PY" -m build --no-isolation --skip-dependency-check --outdir "$OUTDIR" "$ROOT"
+# The sdist step writes mlp_ext.egg-info (the sdist's plain version) into the tree,
+# where importlib.metadata would find it before the installed package's.
+[ -n "$egg_info_existed" ] || rm -rf "$ROOT/mlp_ext.egg-info"
 echo "build_wheel: $((SECONDS - start)) s, torch $("$PY" -c 'import torch; print(torch.__version__)')"
 ls -l "$OUTDIR"/mlp_ext-*
