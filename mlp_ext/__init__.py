@@ -5,7 +5,16 @@
 computes o = phi(x W1^T + b1) W2^T + b2 and s = weight_decay/2 (||W1||^2 + ||W2||^2)
 in one operator call and one autograd node. See README.md.
 """
+import os as _os
+
 import torch  # noqa: F401  (first: _C links against libtorch/libc10, which torch loads)
+
+from . import _build_check
+
+# The torch this build was compiled for, checked before _C is loaded: under another
+# torch, an ImportError naming both and the fix instead of "undefined symbol".
+build_info = _build_check.check(_os.path.dirname(_os.path.abspath(__file__)))
+__version__ = build_info["version"]  # e.g. "0.2.0+torch2.13cpu", as torch's "2.13.0+cpu"
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.mlp_ext)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
@@ -19,9 +28,8 @@ from .modules import FusedMLP
 from .penalty import collect_penalty, forward_with_penalty
 
 __all__ = ["ACTIVATIONS", "FuseReport", "FusedMLP", "MemoryFootprint", "NotFusable", "activations",
-           "collect_penalty", "forward_with_penalty", "fuse", "fused_block", "fused_mlp",
+           "build_info", "collect_penalty", "forward_with_penalty", "fuse", "fused_block", "fused_mlp",
            "fused_mlp_loss", "memory_footprint", "reference", "resolve_activation"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name):

@@ -41,24 +41,32 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH_LIST = "9.0"  # H100 / H200
 STANDARDS = ("c++17", "c++20")
-# Keep in sync with extension() in setup.py.
+os.environ["TORCH_CUDA_ARCH_LIST"] = ARCH_LIST
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402  (reads TORCH_CUDA_ARCH_LIST)
+
+# Keep in sync with extension() in setup.py (prefix_maps(): sources and torch's
+# headers named relative, so that no build path lands in a wheel).
+_PREFIX_MAPS = [f"-ffile-prefix-map={ROOT}{os.sep}=",
+                f"-ffile-prefix-map={os.path.dirname(os.path.abspath(torch.__file__))}{os.sep}=torch{os.sep}"]
 SETUP_INCLUDE_DIRS = [os.path.join(ROOT, "csrc")]
-SETUP_CXX_FLAGS = ["-O3", "-fopenmp"]
-SETUP_NVCC_FLAGS = ["-O3"]
-# What BuildExtension adds to every compile of mlp_ext._C.
-EXTENSION_DEFINES = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+SETUP_CXX_FLAGS = ["-O3", "-g0", "-fopenmp", *_PREFIX_MAPS]
+SETUP_NVCC_FLAGS = ["-O3", *[f"-Xcompiler={m}" for m in _PREFIX_MAPS]]
+# What BuildExtension adds to every compile of mlp_ext._C (a py_limited_api extension:
+# Py_LIMITED_API at torch's minimum CPython).
+EXTENSION_DEFINES = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+                     f"-DPy_LIMITED_API={getattr(cpp_extension, 'min_supported_cpython', '0x03090000')}"]
 
 # What the .cu objects define for the .cpp objects: mlp_ext::gpu::* (mlp_kernels.cuh)
 # and mlp_ext::narrow_mlp_* (narrow_mlp.cuh), as mangled names.
 DEVICE_SYMBOL = re.compile(r"7mlp_ext(3gpu|\d+narrow_mlp_)")
 
 # A diagnostic located in one of our sources: "file:line:col: warning" (gcc) or
-# "file(line): warning" (nvcc).
+# "file(line): warning" (nvcc); the path absolute or, should a compiler apply the
+# prefix map to it, relative (but never torch's torch/csrc/).
 OWN_DIAGNOSTIC = re.compile(
-    re.escape(os.path.join(ROOT, "csrc")) + r"\S*(:\d+:\d+:|\(\d+\):) (warning|error)")
-
-os.environ["TORCH_CUDA_ARCH_LIST"] = ARCH_LIST
-from torch.utils import cpp_extension  # noqa: E402  (reads TORCH_CUDA_ARCH_LIST)
+    r"(?:^|\s)(?:" + re.escape(ROOT + os.sep) + r")?csrc/\S*(:\d+:\d+:|\(\d+\):) (warning|error)",
+    re.MULTILINE)
 
 
 def fail(message):

@@ -45,9 +45,13 @@ if ! command -v dot >/dev/null 2>&1; then
     { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends graphviz >/dev/null; }
 fi
 
-# (Re)build when a source is newer than the built library.
+# (Re)build when a source is newer than the built library (or the import fails:
+# no build, or one for another torch). MLP_EXT_SKIP_BUILD=1: set-up only
+# (scripts/build_wheel.sh builds its own).
 so=$(ls "$ROOT"/mlp_ext/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" -print -quit)" ] ||
+if [ "${MLP_EXT_SKIP_BUILD:-0}" = 1 ]; then
+  :
+elif [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/mlp_ext/_version.py" -newer "$so" -print -quit)" ] ||
   ! (cd "$ROOT" && "$PY" -c "import mlp_ext" 2>/dev/null); then
   echo "mlp_ext: building the operator" >&2
   (cd "$ROOT" && pip_install --no-build-isolation -e .)

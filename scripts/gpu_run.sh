@@ -28,6 +28,12 @@
 #             bfloat16, relu, against nn.Linear eager and (two of the shapes) torch.compile;
 #             benchmarks/narrow.py: 262144x64x64x64 on the narrow path, the GEMM path and
 #             nn.Linear, merged into the same files: benchmarks/results/cuda-<gpu>.{json,md,png}
+#   wheel     the CUDA wheel: pip wheel --no-build-isolation in the tree (ninja finds the
+#             build stage's objects up to date: a link and the packing), scripts/inspect_dist.py
+#             on it (one _C.abi3.so, no tests, no path of the tree), installed with pip
+#             --target outside the tree, tests/smoke_installed.py --device cuda from an empty
+#             directory. Runs on the time the other stages leave (skipped when too little);
+#             `bash scripts/gpu_run.sh build wheel` runs it alone.
 #   summary   environment, every step passed/FAILED/skipped with its seconds, pytest counts
 #             and failures, sanitizer summaries, the benchmark tables
 #
@@ -67,10 +73,10 @@ exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 TEE_PID=$!
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests narrow sanitize bench)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests narrow sanitize bench wheel)
 for s in "${STAGES[@]}"; do
-  case "$s" in build|tests|narrow|sanitize|bench) ;;
-    *) echo "gpu_run: unknown stage '$s' (build, tests, narrow, sanitize, bench)"; exit 2 ;;
+  case "$s" in build|tests|narrow|sanitize|bench|wheel) ;;
+    *) echo "gpu_run: unknown stage '$s' (build, tests, narrow, sanitize, bench, wheel)"; exit 2 ;;
   esac
 done
 want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -353,6 +359,37 @@ if want bench; then
   fi
 fi
 
+# ---------------------------------------------------------------- wheel
+if want wheel; then
+  if [ "$HAS_GPU" != 1 ]; then
+    skip wheel build "no CUDA device (CI's scripts/check_wheel.sh builds and checks the CPU wheel)"
+    skip wheel smoke "no CUDA device"
+  elif ! budget 60 0 >/dev/null; then
+    skip wheel build "out of time (it runs on what the other stages leave; stages 'build wheel' run it)"
+    skip wheel smoke "out of time"
+  else
+    rm -rf "$WORK/wheel" && mkdir -p "$WORK/wheel"
+    # The build stage's settings, so that ninja's commands are the same and nothing recompiles.
+    if step wheel build 150 0 env TORCH_CUDA_ARCH_LIST=9.0 MLP_EXT_CUDA=1 \
+        MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip wheel --no-build-isolation --no-deps \
+        --no-index --disable-pip-version-check -w "$WORK/wheel" .; then
+      # Installed into a directory of its own (the machine's torch stays; nothing else is
+      # installed), imported from an empty directory with the tree off sys.path.
+      step wheel smoke 120 0 env -u PYTHONPATH PY="$PY" ROOT="$ROOT" W="$WORK/wheel" bash -c '
+        set -e
+        wheel=$(ls "$W"/mlp_ext-*.whl)
+        echo "wheel: $(basename "$wheel"), $(du -h "$wheel" | cut -f1)"
+        "$PY" scripts/inspect_dist.py "$W" --wheel-only --forbid "$ROOT"
+        T=$(mktemp -d -t mlp_ext_wheel.XXXXXX) && trap "rm -rf $T" EXIT  # outside the tree
+        "$PY" -m pip install --no-deps --no-index --disable-pip-version-check -q --target "$T/site" "$wheel"
+        cp tests/smoke_installed.py "$T/" && cd "$T"
+        PYTHONPATH="$T/site" "$PY" smoke_installed.py --source-root "$ROOT" --device cuda'
+    else
+      skip wheel smoke "no wheel (see wheel/build)"
+    fi
+  fi
+fi
+
 # ---------------------------------------------------------------- summary
 "$PY" - "$WORK" "$OUT" "$STEM" "$((SECONDS - START))" "$BUDGET" <<'EOF' | tee "$OUT/summary.txt"
 """The summary: environment, steps, pytest counts and failures (from the junit
@@ -373,7 +410,7 @@ if os.path.exists(os.path.join(work, "steps.tsv")):
     with open(os.path.join(work, "steps.tsv")) as f:
         steps = [line.rstrip("\n").split("\t") for line in f if line.strip()]
 # In stage order (the sanitizers run in the background and are recorded last).
-order = ["build", "tests", "narrow", "sanitize", "bench"]
+order = ["build", "tests", "narrow", "sanitize", "bench", "wheel"]
 steps.sort(key=lambda s: order.index(s[0]) if s[0] in order else len(order))
 print("\nsteps:")
 for stage, name, status, seconds in steps:

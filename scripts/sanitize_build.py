@@ -57,10 +57,13 @@ def main():
     built = glob.glob(os.path.join(lib, "mlp_ext", "_C*.so"))
     fresh = built and os.path.exists(stamp) and open(stamp).read().strip() == key
 
-    # The package's Python files: removed, then copied anew by build_py.
+    # The package's Python files: removed, then copied anew by build_py; all but the
+    # build record (_build_info.py), which build_ext writes beside the library it
+    # builds and which stays true for a reused library (torch is in the fingerprint).
     pkg = os.path.join(lib, "mlp_ext")
     for f in glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True):
-        os.remove(f)
+        if not (fresh and os.path.basename(f) == "_build_info.py"):
+            os.remove(f)
     argv = ["build_py", "--build-lib", lib, "--force"]
     if fresh:
         print(f"sanitize_build: reusing {built[0]} (sources unchanged)", flush=True)

@@ -34,7 +34,7 @@ def test_gpu_run_without_a_device_skips_every_gpu_stage(tmp_path):
     summary = (out / "summary.txt").read_text()
     for step in ("tests/test_cuda", "tests/cuda-cases", "narrow/selftest", "narrow/pytest",
                  "sanitize/memcheck-case", "sanitize/racecheck-case", "sanitize/racecheck-selftest",
-                 "bench/benchmark", "bench/narrow"):
+                 "bench/benchmark", "bench/narrow", "wheel/build", "wheel/smoke"):
         line = next(line for line in summary.splitlines() if line.strip().startswith(step + " "))
         assert "skipped: no CUDA device" in line, line
     assert "FAILED" not in summary
