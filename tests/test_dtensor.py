@@ -226,6 +226,43 @@ def rules_on_dtensor_arguments(rank, world):
         tp(x)
 
 
+def dropout_under_the_rules(rank, world):
+    """Hidden-layer dropout on DTensors: each rank draws the mask of its own
+    shard (hidden units or examples), laid out like h; given the whole mask,
+    o, s and every gradient equal the reference's. The forward op, called
+    first from the same generator state, shows the mask the autograd call drew."""
+    mesh = init_device_mesh("cpu", (world,))
+    ref = make_mlp(60, 7, activation="gelu", weight_decay=0.3)
+    names = ["fc1.weight", "fc2.weight", "fc1.bias", "fc2.bias"]
+    params = [ref.get_parameter(n).detach() for n in names]
+    x, c = randn(61, 6, D), randn(62, 6, Q)
+    layouts = {
+        "batch": ([Replicate()] * 4, Shard(0), Shard(0)),
+        "hidden": ([Shard(0), Shard(1), Shard(0), Replicate()], Replicate(), Shard(1)),
+    }
+    for key, (placements, x_placement, mask_placement) in layouts.items():
+        ws = [distribute_tensor(p, mesh, [pl]).requires_grad_() for p, pl in zip(params, placements)]
+        xd = distribute_tensor(x, mesh, [x_placement]).requires_grad_()
+        torch.manual_seed(63 + rank)  # ranks draw different masks
+        mask = torch.ops.mlp_ext.fused_mlp_forward(xd, ws[0], ws[1], ws[2], ws[3], "gelu", 0.3, 0.5)[4]
+        assert mask.placements == (mask_placement,), (key, mask.placements)
+        mask = mask.full_tensor()
+        assert 0 < mask.sum() < mask.numel(), (key, mask)
+        torch.manual_seed(63 + rank)
+        o, s = mlp_ext.fused_mlp(xd, *ws, activation="gelu", weight_decay=0.3, dropout=0.5)
+        ((distribute_tensor(c, mesh, [Shard(0) if key == "batch" else Replicate()]) * o).sum() + s).backward()
+        leaves = [p.clone().requires_grad_() for p in params]
+        x_ref = x.clone().requires_grad_()
+        o_ref, s_ref = mlp_ext.reference.fused_mlp(x_ref, *leaves, activation="gelu", weight_decay=0.3,
+                                                   dropout=0.5, dropout_mask=mask)
+        ((c * o_ref).sum() + s_ref).backward()
+        assert_close(o.full_tensor(), o_ref.detach(), msg=lambda m: f"{key}: o\n{m}")
+        assert_close(s.full_tensor(), s_ref.detach(), msg=lambda m: f"{key}: s\n{m}")
+        assert_close(xd.grad.full_tensor(), x_ref.grad, msg=lambda m: f"{key}: dJ/dx\n{m}")
+        for name, w, leaf in zip(names, ws, leaves):
+            assert_close(w.grad.full_tensor(), leaf.grad, msg=lambda m: f"{key}: dJ/d{name}\n{m}")
+
+
 def tp_plan_training_steps(rank, world):
     """Adam on the parallelized FusedMLP (weight decay in J) stays equal to one process."""
     mesh = init_device_mesh("cpu", (world,))
@@ -422,7 +459,8 @@ def mesh_2d_trains_like_one_process(rank, world):
 # ---------------------------------------------------------------------------
 
 SCENARIOS = {
-    2: [tp_plan_matches_single_process, rules_on_dtensor_arguments, tp_plan_training_steps,
+    2: [tp_plan_matches_single_process, rules_on_dtensor_arguments, dropout_under_the_rules,
+        tp_plan_training_steps,
         fsdp_trains_like_one_process, fsdp_checkpoint_round_trip],
     4: [mesh_2d_trains_like_one_process],
 }
