@@ -8,7 +8,7 @@ from torch.nn import Parameter
 
 from . import penalty as _penalty
 from .activations import QuickGELU, resolve_activation
-from .functional import check_dropout, check_options, fused_mlp, is_dtensor
+from .functional import _fused_mlp, check_dropout, check_options, check_tensor, is_dtensor
 
 # Activation name <-> the nn module of a Sequential (to_sequential builds these).
 _MODULES = {
@@ -157,11 +157,16 @@ class FusedMLP(nn.Module):
                                             _attribute(fc2, "bias"), return_penalty)
         # Without return_penalty or a collector s is dropped: let the op skip computing it.
         collector = _penalty._ACTIVE[-1] if _penalty._ACTIVE and self.weight_decay else None
-        o, s = fused_mlp(x, w1, _attribute(fc2, "weight"),
-                         _attribute(fc1, "bias"), _attribute(fc2, "bias"),
-                         activation=self.activation,
-                         weight_decay=self.weight_decay if return_penalty or collector is not None else 0.0,
-                         save_hidden=self.save_hidden, dropout=self.dropout, training=self.training)
+        if not isinstance(x, Tensor):
+            check_tensor("fused_mlp", "x", x)
+        # The op directly, not fused_mlp: the options were checked when they were set
+        # (at construction), the op checks the tensors, and the Python checks would
+        # cost ~12K instructions, a tenth of a small inference call.
+        o, s = _fused_mlp(x, w1, _attribute(fc2, "weight"),
+                          _attribute(fc1, "bias"), _attribute(fc2, "bias"),
+                          activation=self.activation,
+                          weight_decay=self.weight_decay if return_penalty or collector is not None else 0.0,
+                          save_hidden=self.save_hidden, dropout=self.dropout if self.training else 0.0)
         if collector is not None:
             collector.add(s)
         return (o, s) if return_penalty else o
