@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import reference
+
 # The names the operator takes, from its one list (csrc/activation.h).
 ACTIVATIONS: Tuple[str, ...] = tuple(torch.ops.mlp_ext._activation_names())
 
@@ -71,16 +73,8 @@ ALIASES.update({
     # quick_gelu (x sigmoid(1.702 x)) is transformers' and timm's own name.
 })
 
-_PHI: Dict[str, Callable[[Tensor], Tensor]] = {
-    "identity": lambda z: z,
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "gelu": lambda z: F.gelu(z, approximate="none"),
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "silu": F.silu,
-    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
-}
+# phi of each name, as torch functions: the reference's (one place for the math in Python).
+_PHI = reference._PHI
 
 # torch.nn's activation classes, by exact type (a subclass may override forward:
 # it goes to the probe). nn.GELU is told apart by its approximate attribute.

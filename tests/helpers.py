@@ -1,7 +1,9 @@
 """Helpers the test files share (fixtures and make_inputs are in conftest.py)."""
 import importlib.util
 import sys
+import traceback
 
+import pytest
 import torch
 
 
@@ -43,3 +45,28 @@ def load_module(name, path):
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def run_scenarios(rank, world, scenarios, *args):
+    """Runs each scenario(rank, world, *args) on this rank, as run_local's target:
+    {scenario name: None (passed) or its traceback}; stops at the first failure."""
+    results = {}
+    for scenario in scenarios:
+        try:
+            scenario(rank, world, *args)
+            results[scenario.__name__] = None
+        except Exception:
+            results[scenario.__name__] = traceback.format_exc()
+            break
+    return results
+
+
+def check_scenario(results_by_rank, name):
+    """Fails with the traceback of the rank where scenario `name` failed (or of the
+    scenario that failed before it, so that it never ran)."""
+    for rank, results in enumerate(results_by_rank):
+        if name not in results:
+            first = next(n for n, tb in results.items() if tb is not None)
+            pytest.fail(f"rank {rank}: not run, rank {rank} failed earlier in {first}:\n{results[first]}")
+        if results[name] is not None:
+            pytest.fail(f"rank {rank} of {len(results_by_rank)}:\n{results[name]}")

@@ -10,9 +10,10 @@ steps included. A scenario that fails stops its rank; its traceback is shown
 by the test of that scenario.
 """
 import copy
+import shutil
 import subprocess
 import sys
-import traceback
+import tempfile
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.testing import assert_close
+
+from helpers import check_scenario, run_scenarios
 
 import mlp_ext
 from mlp_ext.parallel import TensorParallelFusedMLP, run_local
@@ -395,10 +398,13 @@ def fsdp_trains_like_one_process(rank, world):
                      msg=lambda m: f"mixed precision: dJ/d{name}\n{m}")
 
 
-def fsdp_checkpoint_round_trip(rank, world, directory):
+def fsdp_checkpoint_round_trip(rank, world):
     """A model and Adam state saved with torch.distributed.checkpoint and loaded
     into a fresh sharded model continue training exactly as the original."""
     mesh = init_device_mesh("cpu", (world,))
+    shared = [tempfile.mkdtemp(prefix="mlp_ext_dcp_") if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)  # one checkpoint directory for all ranks
+    directory = shared[0]
 
     def sharded(seed):
         model = Blocks(seed)
@@ -425,6 +431,9 @@ def fsdp_checkpoint_round_trip(rank, world, directory):
     state = {"model": model_sd, "optim": opt_sd}
     dcp.load(state, checkpoint_id=directory)
     set_state_dict(other, other_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dist.barrier()  # every rank has read it
+    if rank == 0:
+        shutil.rmtree(directory)
     for (name, p), q in zip(other.named_parameters(), model.parameters()):
         assert torch.equal(p.to_local(), q.to_local()), f"{name} after loading"
     step(model, opt, 104)
@@ -466,52 +475,26 @@ SCENARIOS = {
 }
 
 
-def run_scenarios(rank, world, directory):
-    """{scenario name: None (passed) or its traceback}; stops at the first failure."""
-    results = {}
-    for scenario in SCENARIOS[world]:
-        try:
-            if scenario is fsdp_checkpoint_round_trip:
-                scenario(rank, world, directory)
-            else:
-                scenario(rank, world)
-            results[scenario.__name__] = None
-        except Exception:
-            results[scenario.__name__] = traceback.format_exc()
-            break
-    return results
-
-
-def check(results_by_rank, name):
-    for rank, results in enumerate(results_by_rank):
-        if name not in results:
-            first = next(n for n, tb in results.items() if tb is not None)
-            pytest.fail(f"rank {rank}: not run, rank {rank} failed earlier in {first}:\n{results[first]}")
-        if results[name] is not None:
-            pytest.fail(f"rank {rank} of {len(results_by_rank)}:\n{results[name]}")
-
-
 # One run per world size (module scope): spawning and forming a group costs
 # more than the scenarios themselves on a small CI machine.
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("checkpoint"))
-    return run_local(run_scenarios, 2, (directory,), timeout=180)
+def world2():
+    return run_local(run_scenarios, 2, (SCENARIOS[2],), timeout=180)
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return run_local(run_scenarios, 4, (None,), timeout=180, threads_per_rank=1)
+    return run_local(run_scenarios, 4, (SCENARIOS[4],), timeout=180, threads_per_rank=1)
 
 
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS[2]])
 def test_two_ranks(world2, scenario):
-    check(world2, scenario)
+    check_scenario(world2, scenario)
 
 
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS[4]])
 def test_2d_mesh_four_ranks(world4, scenario):
-    check(world4, scenario)
+    check_scenario(world4, scenario)
 
 
 def test_plain_tensors_never_import_dtensor():

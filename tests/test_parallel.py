@@ -10,7 +10,6 @@ that scenario.
 import contextlib
 import copy
 import os
-import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch.testing import assert_close
 import mlp_ext
 from mlp_ext.parallel import TensorParallelFusedMLP, run_local, shard_range, shard_sizes
 
-from helpers import load_module
+from helpers import check_scenario, load_module, run_scenarios
 
 DTYPE = torch.float64
 D, Q = 5, 3  # in_features, out_features
@@ -258,19 +257,6 @@ SCENARIOS = [tp_matches_single_device, tp_double_backward, tp_shard_and_gather, 
              ddp_training_steps, tradeoff_formulas_match_a_real_step]
 
 
-def run_scenarios(rank, world):
-    """{scenario name: None (passed) or its traceback}; stops at the first failure."""
-    results = {}
-    for scenario in SCENARIOS:
-        try:
-            scenario(rank, world)
-            results[scenario.__name__] = None
-        except Exception:
-            results[scenario.__name__] = traceback.format_exc()
-            break
-    return results
-
-
 # ---------------------------------------------------------------------------
 # The tests
 # ---------------------------------------------------------------------------
@@ -278,17 +264,12 @@ def run_scenarios(rank, world):
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def ranks(request):
     """Per-rank scenario results of one gloo run with this world size."""
-    return run_local(run_scenarios, request.param, timeout=120)
+    return run_local(run_scenarios, request.param, (SCENARIOS,), timeout=120)
 
 
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
 def test_distributed(ranks, scenario):
-    for rank, results in enumerate(ranks):
-        if scenario not in results:
-            first = next(name for name, tb in results.items() if tb is not None)
-            pytest.fail(f"rank {rank}: not run, rank {rank} failed earlier in {first}:\n{results[first]}")
-        if results[scenario] is not None:
-            pytest.fail(f"rank {rank} of {len(ranks)}:\n{results[scenario]}")
+    check_scenario(ranks, scenario)
 
 
 def test_shard_sizes_split_evenly_and_cover():
