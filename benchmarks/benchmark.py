@@ -46,7 +46,15 @@ different GPUs side by side); --stem chooses another.
     python benchmarks/benchmark.py --quick              # a fast smoke run
     python benchmarks/benchmark.py --shapes 64x64x64x64 --dtype float32 --activation gelu
     python benchmarks/benchmark.py --device cuda --tf32 off --compile
+    python benchmarks/benchmark.py --dtype bfloat16 --stem cpu-bf16    # both sides in bfloat16
+    python benchmarks/benchmark.py --autocast bfloat16 --stem cpu-autocast  # float32 models
+
+--autocast DTYPE runs every timed call of both sides (and the verification in
+their dtype) under torch.autocast(device, dtype=DTYPE), the models kept in
+--dtype (float32); the GEMM floor is then timed in DTYPE, the dtype autocast
+gives the products.
 """
+import contextlib
 from __future__ import annotations
 
 import argparse
@@ -236,14 +244,15 @@ def check_close(what: str, actual: Tensor, expected: Tensor, tol: float) -> None
 
 
 def verify(sides: Sequence[Side], x: Tensor, y: Tensor, eval_mode: bool = False,
-           seed: int = 0) -> None:
+           seed: int = 0, tol: Optional[float] = None) -> None:
     """Outputs, s, loss and all four gradients of every side equal the first side's.
 
     With dropout in the MLP: eval_mode=True verifies with dropout off (every side
     in eval mode); otherwise each side's calls start from the same seed, which
     gives the fused side nn.Dropout's masks on CPU (bernoulli_ from the CPU
-    generator, drawn in the same order)."""
-    tol = tolerance(x.dtype)
+    generator, drawn in the same order). tol: tolerance(x.dtype) unless given
+    (under autocast, that of the autocast dtype)."""
+    tol = tolerance(x.dtype) if tol is None else tol
     results = []
     for side in sides:
         if eval_mode and side.module is not None:
@@ -347,8 +356,28 @@ def flops(shape, mode) -> int:
     return sum(2 * m * k * n for _, m, k, n, _, _ in gemm_products(shape, mode))
 
 
+def autocast_context(args):
+    """torch.autocast for --autocast (a context that does nothing without it)."""
+    if args.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.autocast])
+
+
+def under_autocast(fn: Callable, args) -> Callable:
+    if args.autocast is None:
+        return fn
+
+    def call():
+        with autocast_context(args):
+            return fn()
+
+    return call
+
+
 def run_case(shape, dtype_name, activation, args, clock, generator, progress) -> List[dict]:
     device, dtype = torch.device(args.device), DTYPES[dtype_name]
+    # The dtype of the products: autocast's under --autocast.
+    compute_dtype = DTYPES[args.autocast] if args.autocast else dtype
     torch.manual_seed(args.seed)
     seq = make_sequential(shape, dtype, activation, device, args.dropout)
     x, y = make_batch(shape, dtype, device, generator)
@@ -363,21 +392,25 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
         verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y)
     sides = make_sides(seq, args.weight_decay, args.compile and (
         args.compile_shapes is None or tuple(shape) in args.compile_shapes))
-    verify(sides, x, y, eval_mode=dropout)
+    with autocast_context(args):
+        verify(sides, x, y, eval_mode=dropout, tol=tolerance(compute_dtype))
 
     results = []
     for mode in MODES:
         closures = {}
         for side in sides:
-            closures[side.name] = inference(side, x) if mode == "inference" else train_step(side, x, y)
+            closures[side.name] = under_autocast(
+                inference(side, x) if mode == "inference" else train_step(side, x, y), args)
         if mode == "train":
-            closures["bare step"] = bare_step(shape, dtype, device, y)
-            closures["fused op"] = operator_alone(sides[1], x, generator)
+            closures["bare step"] = under_autocast(bare_step(shape, compute_dtype, device, y), args)
+            with autocast_context(args):
+                closures["fused op"] = under_autocast(operator_alone(sides[1], x, generator), args)
         products = []
         for name, m, k, n, a_t, b_t in gemm_products(shape, mode):
-            for backend in gemm_backends(device, dtype):
+            for backend in gemm_backends(device, compute_dtype):
                 key = f"floor: {name} [{backend}]"
-                closures[key] = gemm_closure(backend, m, k, n, a_t, b_t, dtype, device, generator)
+                closures[key] = gemm_closure(backend, m, k, n, a_t, b_t, compute_dtype, device,
+                                             generator)
                 products.append((name, backend, key))
         with torch.no_grad() if mode == "inference" else torch.enable_grad():
             times = interleaved(closures, clock, args.rounds, args.block_seconds, progress=progress)
@@ -395,7 +428,9 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
         operator = median.get("fused op", median["fused"])
         fl = flops(shape, mode)
         result = {
-            "shape": dict(zip("ndhq", shape)), "dtype": dtype_name, "activation": activation,
+            "shape": dict(zip("ndhq", shape)),
+            "dtype": dtype_name + (f"+autocast({args.autocast})" if args.autocast else ""),
+            "activation": activation,
             "mode": mode, "flops": fl,
             "seconds": {s.name: median[s.name] for s in sides},
             "rounds": {name: times[name] for name in (*(s.name for s in sides), "fused op")
@@ -417,7 +452,8 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             result["ratio_compiled"] = statistics.median(
                 c / f for c, f in zip(times["compiled"], times["fused"]))
         if mode == "train":
-            result["saved_bytes"] = {s.name: train_step_saved_bytes(s, x, y) for s in sides}
+            with autocast_context(args):
+                result["saved_bytes"] = {s.name: train_step_saved_bytes(s, x, y) for s in sides}
         if device.type == "cuda":
             with torch.no_grad() if mode == "inference" else torch.enable_grad():
                 result["cuda_peak_bytes"] = {s.name: cuda_peak_bytes(closures[s.name], device)
@@ -512,6 +548,7 @@ def machine_info(device: torch.device, args) -> dict:
         "rounds": args.rounds,
         "block_seconds": args.block_seconds,
         "compile": args.compile,
+        "autocast": args.autocast,
         "compile_shapes": args.compile_shapes and ["x".join(map(str, s)) for s in args.compile_shapes],
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         # torch's CPU allocator madvises huge pages for large buffers when set:
@@ -591,6 +628,9 @@ def parse_args(argv=None):
                    help="hidden-layer dropout p: nn.Dropout(p) between the activation and the "
                         "second Linear on the eager side, FusedMLP(dropout=p) on the fused side "
                         "(both in training mode, so inference draws masks too; default 0)")
+    p.add_argument("--autocast", choices=("bfloat16", "float16"),
+                   help="run both sides under torch.autocast(device, dtype=...) (models in "
+                        "--dtype, float32 by default; the GEMM floor in the autocast dtype)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--tf32", choices=("on", "off"), default="off",
                    help="CUDA: allow TF32 in float32 matrix products (set for both sides alike)")
@@ -607,7 +647,7 @@ def parse_args(argv=None):
             p.error("--compile-shapes: not among the shapes timed: "
                     + ",".join("x".join(map(str, s)) for s in missing))
         args.compile = True
-    args.dtype = args.dtype or (["float32"] if args.quick else DEFAULT_DTYPES)
+    args.dtype = args.dtype or (["float32"] if args.quick or args.autocast else DEFAULT_DTYPES)
     args.activation = args.activation or (["relu"] if args.quick else DEFAULT_ACTIVATIONS)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 15
@@ -616,6 +656,8 @@ def parse_args(argv=None):
     for name in args.dtype:
         if name not in DTYPES:
             p.error(f"--dtype: unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    if args.autocast and any(name != "float32" for name in args.dtype):
+        p.error("--autocast: the models must be float32 (--dtype float32), which autocast casts")
     for name in args.activation:
         if name not in ACTIVATION_MODULES:
             p.error(f"--activation: unknown activation {name!r}; expected one of "
@@ -670,7 +712,8 @@ def main(argv=None) -> dict:
                                         if device.type == "cuda" else f" ({meta['cpu']})")
                 + f", torch {meta['torch']}, {meta['threads']} threads, {meta['date']}; "
                 f"medians of {args.rounds} interleaved rounds; weight decay {args.weight_decay:g}"
-                + (f"; dropout {args.dropout:g}" if args.dropout else ""))
+                + (f"; dropout {args.dropout:g}" if args.dropout else "")
+                + (f"; under torch.autocast({args.autocast})" if args.autocast else ""))
     if "load_average_at_start" in meta:
         settings += ("; load average {:.2f} at start, {:.2f} at end".format(
             meta["load_average_at_start"][0], meta["load_average_at_end"][0]))

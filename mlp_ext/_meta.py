@@ -76,13 +76,10 @@ def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay, dropout=0.
     if x.dim() < 1:
         raise RuntimeError("fused_mlp: expected x of shape (*, in_features) with at least 1 "
                            "dimension, but got a 0-dim tensor")
-    # The CPU kernels take float32 / float64; CUDA (and a traced meta x) the half types too.
-    reduced = x.device.type != "cpu"
-    if not (x.dtype in _FLOATING or (reduced and x.dtype in _REDUCED)):
-        expected = ("float32, float64, float16 or bfloat16" if reduced
-                    else f"float32 or float64 on {x.device}")
-        raise TypeError(f"fused_mlp: expected x of a floating dtype ({expected}), but got "
-                        f"{_name(x.dtype)}")
+    # Every device's kernels take float32, float64 and the half types.
+    if x.dtype not in _FLOATING + _REDUCED:
+        raise TypeError("fused_mlp: expected x of a floating dtype (float32, float64, float16 or "
+                        f"bfloat16), but got {_name(x.dtype)}")
     if w1.dim() != 2:
         raise RuntimeError("fused_mlp: expected w1 of shape (hidden_features, in_features), but "
                            f"got w1.shape = {_sizes(w1)}")

@@ -184,10 +184,6 @@ def _plan(block: nn.Module) -> Tuple[str, str, str]:
         raise NotFusable("its parameters are on the meta device")
     if not fc1.weight.is_floating_point():
         raise NotFusable(f"its weights are {fc1.weight.dtype}")
-    if fc1.weight.device.type == "cpu" and fc1.weight.dtype not in (torch.float32, torch.float64):
-        # The CPU operator takes float32 and float64 (the half types run on CUDA).
-        raise NotFusable(f"its weights are {fc1.weight.dtype} on the CPU, where the operator takes "
-                         "float32 and float64")
     return first, activation, second
 
 

@@ -70,3 +70,29 @@ def check_scenario(results_by_rank, name):
             pytest.fail(f"rank {rank}: not run, rank {rank} failed earlier in {first}:\n{results[first]}")
         if results[name] is not None:
             pytest.fail(f"rank {rank} of {len(results_by_rank)}:\n{results[name]}")
+
+
+# The half-precision dtypes every device's operator takes (accumulating in float32).
+HALF_TYPES = [torch.float16, torch.bfloat16]
+# Relative error that rounding alone explains: for the half types two units in
+# the last place (2 * 2^-(mantissa bits)), one for the rounding of the result,
+# one for that of what it was computed from; for float32 1e-6 (about 8 units).
+ROUNDING = {torch.float32: 1e-6, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| / max |expected| (0 when both are all zero)."""
+    expected = expected.double()
+    scale = expected.abs().max().item()
+    error = (actual.double() - expected).abs().max().item()
+    return error / scale if scale > 0 else error
+
+
+def error_bound(eager, truth, dtype):
+    """How far from the float64 truth a result in `dtype` may be: 3x as far as
+    torch's own ops in that dtype get on the same rounded inputs (their error is
+    the dtype's rounding compounded over the same chain of products and
+    activations; 3x leaves room for a different but equally valid summation order),
+    plus the rounding of the result itself (ROUNDING), so that a bound never
+    reaches 0 where torch happens to be exact."""
+    return 3 * relative_error(eager, truth) + ROUNDING[dtype]

@@ -1,5 +1,6 @@
-"""What only the CUDA operator has: float16/bfloat16, autocast, streams, deterministic
-reductions, the vector and scalar kernel paths, tensors of more than 2^31 elements.
+"""What only the CUDA operator has: streams, deterministic reductions, the vector and
+scalar kernel paths, tensors of more than 2^31 elements. (float16 / bfloat16 and
+autocast, on every device: tests/test_half_precision.py.)
 
 Skipped as a whole without a CUDA device. The core suite (tests/test_*.py) runs every
 one of its tests on "cuda" as well, so float64 gradcheck, opcheck, torch.compile and
@@ -8,71 +9,26 @@ the bad-input checks are not repeated here except where CUDA adds something.
 
 import pytest
 import torch
-from torch.library import opcheck
 
 import mlp_ext
 from mlp_ext import reference
 
 from conftest import make_inputs
+from helpers import HALF_TYPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 OPS = torch.ops.mlp_ext
-HALF_TYPES = [torch.float16, torch.bfloat16]
-# Shapes (n, d, h, q) that take each kernel path: h = 96 with n = 64 runs 16-byte
-# vectors and sums db1 in two passes over row chunks; odd widths run the scalar path
-# with a one-pass db1.
-SHAPES = [(64, 48, 96, 24), (33, 17, 35, 9)]
-# Relative error that rounding alone explains: two units in the last place.
-ROUNDING = {torch.float32: 1e-6, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
-
-
-def _detached(tensors, dtype):
-    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
 
 
 def _present(tensors):
     return [t for t in tensors if t is not None]
 
 
-def _relative_error(actual, expected):
-    """max |actual - expected| / max |expected| (0 when both are all zero)."""
-    expected = expected.double()
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected).abs().max().item()
-    return error / scale if scale > 0 else error
-
-
 def _outputs_and_gradients(fn, inputs, activation, weight_decay, grad_o, grad_s):
     o, s = fn(*inputs, activation=activation, weight_decay=weight_decay)
     grads = torch.autograd.grad((o, s), _present(inputs), (grad_o, grad_s))
     return [o, s, *grads]
-
-
-@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", SHAPES, ids=["vector", "scalar"])
-@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES])
-def test_matches_float64_reference(activation, dtype, shape, bias, weight_decay):
-    """o, s and every gradient against reference.fused_mlp in float64 on the same
-    (rounded) inputs: no further from it than 3x what torch's own ops reach in the
-    same dtype, plus rounding."""
-    n, d, h, q = shape
-    inputs = _detached(make_inputs(n=n, d=d, h=h, q=q, bias=bias, device="cuda"), dtype)
-    grad_o = torch.randn(n, q, device="cuda").to(dtype)
-    grad_s = torch.randn((), device="cuda").to(dtype)
-
-    ours = _outputs_and_gradients(mlp_ext.fused_mlp, inputs, activation, weight_decay, grad_o, grad_s)
-    eager = _outputs_and_gradients(reference.fused_mlp, _detached(inputs, dtype), activation,
-                                   weight_decay, grad_o, grad_s)
-    exact = _outputs_and_gradients(reference.fused_mlp, _detached(inputs, torch.float64),
-                                   activation, weight_decay, grad_o.double(), grad_s.double())
-    names = ["o", "s"] + [name for name, t in zip(["dx", "dw1", "dw2", "db1", "db2"], inputs)
-                          if t is not None]
-    for name, mine, theirs, truth in zip(names, ours, eager, exact):
-        assert mine.dtype == dtype and mine.shape == truth.shape, (name, mine.dtype, mine.shape)
-        bound = 3 * _relative_error(theirs, truth) + ROUNDING[dtype]
-        assert _relative_error(mine, truth) <= bound, (name, _relative_error(mine, truth), bound)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "tanh"])  # smooth: no kink for finite differences
@@ -132,20 +88,6 @@ def test_bitwise_deterministic_from_run_to_run(dtype):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_save_hidden_false_gives_bitwise_identical_gradients(dtype):
-    """Without a saved h the backward recomputes phi(z) with the forward's kernel."""
-    inputs = make_inputs(n=300, d=24, h=40, q=8, dtype=dtype, device="cuda")
-    grad_o = torch.randn(300, 8, device="cuda").to(dtype)
-    results = []
-    for save_hidden in (True, False):
-        o, s = mlp_ext.fused_mlp(*inputs, activation="gelu", weight_decay=0.01,
-                                 save_hidden=save_hidden)
-        results.append([o, s, *torch.autograd.grad((o, s), inputs, (grad_o, torch.ones_like(s)))])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
 def test_runs_on_the_current_stream():
     """Everything is queued on the current stream: with that stream kept busy, a kernel
     queued elsewhere would read its inputs before the products that write them."""
@@ -177,100 +119,6 @@ def test_cpu_cuda_mix_raises_a_clear_error(index, name, autocast):
     assert "cpu" in message and "cuda" in message, message
     # x on the CPU: the message names the first argument checked against it.
     assert (name if index else "w1") in message, message
-
-
-@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
-@pytest.mark.parametrize("dtype", HALF_TYPES)
-def test_autocast_follows_nn_linear(dtype, activation, weight_decay):
-    """Under torch.autocast("cuda") FusedMLP runs in autocast's dtype and returns
-    float32 gradients for float32 parameters, like the nn.Linear Sequential; both
-    are as close to float32 (no autocast) as each other."""
-    mlp = mlp_ext.FusedMLP(32, 64, 16, activation=activation, weight_decay=weight_decay,
-                           device="cuda")
-    seq = mlp.to_sequential(copy_weights=True)
-    exact = mlp.to_sequential(copy_weights=True)
-    x = torch.randn(128, 32, device="cuda")
-
-    def penalty(module):
-        return weight_decay / 2 * (module[0].weight.square().sum() + module[2].weight.square().sum())
-
-    with torch.autocast("cuda", dtype=dtype):
-        o_fused, s_fused = mlp(x, return_penalty=True)
-        o_seq, s_seq = seq(x), penalty(seq)
-    assert o_fused.dtype == o_seq.dtype == dtype
-    assert s_fused.dtype == dtype  # s comes from the same fused call
-    o_exact, s_exact = exact(x), penalty(exact)
-
-    for o, s in ((o_fused, s_fused), (o_seq, s_seq), (o_exact, s_exact)):
-        (o.float().square().mean() + s).backward()
-    bound = lambda theirs, truth: 3 * _relative_error(theirs, truth) + ROUNDING[dtype]
-    assert _relative_error(o_fused, o_exact) <= bound(o_seq, o_exact)
-    assert _relative_error(s_fused, s_exact) <= ROUNDING[dtype]
-    for p_fused, p_seq, p_exact in zip(mlp.parameters(), seq.parameters(), exact.parameters()):
-        assert p_fused.grad.dtype == p_seq.grad.dtype == torch.float32
-        assert _relative_error(p_fused.grad, p_exact.grad) <= bound(p_seq.grad, p_exact.grad)
-
-
-def test_autocast_leaves_float64_alone():
-    """Autocast casts no float64 tensor (nor does it for nn.Linear)."""
-    inputs = make_inputs(device="cuda", requires_grad=False)
-    o, s = mlp_ext.fused_mlp(*inputs, activation="silu", weight_decay=0.1)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        o_autocast, s_autocast = mlp_ext.fused_mlp(*inputs, activation="silu", weight_decay=0.1)
-    assert o_autocast.dtype == s_autocast.dtype == torch.float64
-    assert torch.equal(o, o_autocast) and torch.equal(s, s_autocast)
-
-
-@pytest.mark.parametrize("dtype", HALF_TYPES)
-def test_opcheck_half_precision(dtype):
-    x, w1, w2, b1, b2 = make_inputs(batch_shape=(2, 3), d=5, h=7, q=3, dtype=dtype, device="cuda")
-    opcheck(OPS.fused_mlp.default, (x, w1, w2, b1, b2), {"activation": "gelu", "weight_decay": 0.1})
-    args = [t.detach() for t in (x, w1, w2, b1, b2)]
-    opcheck(OPS.fused_mlp_forward.default, (*args, "silu", 0.1))
-    _, _, z, h, _ = OPS.fused_mlp_forward(*args, "silu", 0.1)
-    grad_o = torch.randn(2, 3, 3, device="cuda").to(dtype)
-    grad_s = torch.randn((), device="cuda").to(dtype)
-    for mask in ([True] * 5, [False, True, False, True, False]):
-        opcheck(OPS.fused_mlp_backward.default,
-                (grad_o, grad_s, *args[:3], z, h, "silu", 0.1, mask))
-
-
-def _loss(x, w1, w2, b1, b2):
-    o, s = mlp_ext.fused_mlp(x, w1, w2, b1, b2, activation="gelu_tanh", weight_decay=0.05)
-    return o.float().square().mean() + s
-
-
-def _check_compiled_against_eager(compiled, inputs, context):
-    """Loss and gradients of the compiled step against eager. Both call the same
-    kernels; only the code around them (inductor's) may round differently, by a
-    unit in the last place of the half-precision gradients it hands over."""
-    with context():
-        loss = compiled(*inputs)
-    grads = torch.autograd.grad(loss, inputs)
-    with context():
-        loss_eager = _loss(*inputs)
-    grads_eager = torch.autograd.grad(loss_eager, inputs)
-    assert _relative_error(loss, loss_eager) <= 1e-5
-    for a, b in zip(grads, grads_eager):
-        assert a.dtype == b.dtype
-        assert _relative_error(a, b) <= 2e-2
-
-
-@pytest.mark.parametrize("dtype", HALF_TYPES)
-def test_torch_compile_fullgraph_half_precision(dtype):
-    torch._dynamo.reset()
-    compiled = torch.compile(_loss, fullgraph=True)
-    inputs = make_inputs(n=16, d=8, h=32, q=4, dtype=dtype, device="cuda")
-    _check_compiled_against_eager(compiled, inputs, torch.enable_grad)
-
-
-def test_torch_compile_fullgraph_under_autocast():
-    torch._dynamo.reset()
-    compiled = torch.compile(_loss, fullgraph=True)
-    inputs = make_inputs(n=16, d=8, h=32, q=4, dtype=torch.float32, device="cuda")
-    _check_compiled_against_eager(
-        compiled, inputs, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
 
 
 def test_more_than_2_31_elements():

@@ -47,10 +47,23 @@ def test_integer_dtypes(dtype):
         mlp_ext.fused_mlp(x.to(dtype), w1.to(dtype), w2.to(dtype), b1.to(dtype), b2.to(dtype))
 
 
-def test_half_precision_on_cpu_is_refused():
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.float16),
+                                             (torch.float16, torch.float64)])
+def test_mixed_floating_dtypes_are_refused(x_dtype, w_dtype):
+    """Every floating dtype is taken, but one dtype per call: a half-precision x
+    with float32 weights (or the reverse, or two half types) is not cast silently."""
     x, w1, w2, b1, b2 = _inputs()
-    with pytest.raises(TypeError, match="float32 or float64 on cpu.*BFloat16"):
-        mlp_ext.fused_mlp(*(t.bfloat16() for t in (x, w1, w2, b1, b2)))
+    with pytest.raises(TypeError, match=f"expected w1 to have the dtype of x \\({_scalar_name(x_dtype)}\\), "
+                                        f"but got {_scalar_name(w_dtype)}"):
+        mlp_ext.fused_mlp(x.to(x_dtype), w1.to(w_dtype), w2.to(w_dtype), b1.to(w_dtype),
+                          b2.to(w_dtype))
+
+
+def _scalar_name(dtype):
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}[dtype]
 
 
 @pytest.mark.parametrize("activation", ["RELU", "softmax", ""])
@@ -135,7 +148,8 @@ FORWARD_CASES = {
     "float64 b2": (lambda i: _replace(i, 4, i[4].double()), {}),
     "int64 inputs": (lambda i: [t.long() for t in i], {}),
     "bool inputs": (lambda i: [t.bool() for t in i], {}),
-    "bfloat16 on cpu": (lambda i: [t.bfloat16() for t in i], {}),
+    "bfloat16 x, float32 weights": (lambda i: _replace(i, 0, i[0].bfloat16()), {}),
+    "float16 b1": (lambda i: _replace(i, 3, i[3].half()), {}),
     "unknown activation": (lambda i: i, {"activation": "ReLU"}),
     "negative weight_decay": (lambda i: i, {"weight_decay": -0.5}),
     "nan weight_decay": (lambda i: i, {"weight_decay": math.nan}),
@@ -157,10 +171,9 @@ def test_fake_kernels_raise_what_the_real_ones_raise(case, requires_grad):
     assert fake == eager
 
 
-@pytest.mark.parametrize("case", [c for c in FORWARD_CASES if "bfloat16" not in c])
+@pytest.mark.parametrize("case", list(FORWARD_CASES))
 def test_meta_tensors_raise_what_cpu_tensors_raise(case):
-    """All inputs on meta (the kernels' rules for a non-CPU device: half types are
-    accepted there, so only the x-dtype message names other dtypes)."""
+    """All inputs on meta (the same rules as on the CPU)."""
     build, kwargs = FORWARD_CASES[case]
     args = build(_inputs())
     eager = _raised(lambda: mlp_ext.fused_mlp(*args, **kwargs))

@@ -301,6 +301,36 @@ void onednn_gemm(
 #endif
 }
 
+// The half types: each product accumulates in float32 and rounds once to out's
+// dtype, as nn.Linear's do.
+// - bfloat16: ATen's addmm / mm, i.e. oneDNN's bfloat16 GEMM on CPUs with
+//   AVX512-BF16 or AMX (~2.5x the float32 GEMM at 1024^3 on Zen 4), ATen's own
+//   float-accumulating kernel elsewhere.
+// - float16: widened to float32 and multiplied by the float32 paths above.
+//   ATen's CPU float16 GEMM has no fast path on CPUs without AVX512-FP16 (under
+//   1 GFLOP/s at 1024^3 on Zen 4, docs/performance-cpu.md); the widening costs
+//   a pass over each operand and gives the same float32 accumulation.
+void reduced_matmul(
+    Tensor& out, const Tensor* addend, const Tensor& a, bool trans_a, const Tensor& b,
+    bool trans_b, double beta) {
+  if (out.scalar_type() == at::kBFloat16) {
+    const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;
+    if (addend == nullptr || beta == 0) {
+      at::mm_out(out, lhs, rhs);
+    } else {
+      at::addmm_out(out, *addend, lhs, rhs, beta);
+    }
+    return;
+  }
+  Tensor wide = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  const Tensor wide_addend =
+      addend != nullptr && beta != 0 ? addend->to(at::kFloat) : Tensor();
+  cpu_matmul(
+      wide, wide_addend.defined() ? &wide_addend : nullptr, a.to(at::kFloat), trans_a,
+      b.to(at::kFloat), trans_b, beta);
+  out.copy_(wide);
+}
+
 }  // namespace
 
 // out (m x n, contiguous) = beta * addend + op(a) op(b); see DeviceKernels::matmul.
@@ -309,6 +339,10 @@ void cpu_matmul(
     bool trans_b, double beta) {
   const int64_t m = out.size(0), n = out.size(1), k = trans_a ? a.size(0) : a.size(1);
   if (m == 0 || n == 0) {
+    return;
+  }
+  if (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf) {
+    reduced_matmul(out, addend, a, trans_a, b, trans_b, beta);
     return;
   }
   // beta * addend goes into out first; the product adds to it (the GEMM's beta

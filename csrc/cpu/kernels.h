@@ -39,7 +39,9 @@ namespace mlp_ext {
 
 enum class Activation : int64_t;  // activation.h
 
-// Kernels on raw row-major float or double data (dtype says which).
+// Kernels on raw row-major float32, float64, bfloat16 or float16 data (dtype
+// says which; the half types computed and summed in float32). short_gemm takes
+// float32 and float64 only.
 struct IsaKernels {
   // z (rows x width) += b1 (if not null); h = phi(z).
   void (*bias_activation)(

@@ -1,6 +1,9 @@
 // The CPU operator: its DeviceKernels (the elementwise kernels of kernels_*.cpp
 // for the widest instruction set the CPU has, and the matrix products of
 // gemm.cpp) and their registration for the CPU dispatch key.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "device_registration.h"
@@ -32,36 +35,34 @@ Tensor penalty_cpu(const Tensor& w1, const Tensor& w2, double weight_decay) {
   const auto& k = isa_kernels();
   const double squares = k.sum_of_squares(w1.scalar_type(), w1c.const_data_ptr(), w1c.numel()) +
       k.sum_of_squares(w2.scalar_type(), w2c.const_data_ptr(), w2c.numel());
+  // Summed in double, rounded once to the weights' dtype (as the CUDA kernel does).
   Tensor s = at::empty({}, w1.options());
-  if (s.scalar_type() == at::kDouble) {
-    *s.data_ptr<double>() = 0.5 * weight_decay * squares;
-  } else {
-    *s.data_ptr<float>() = static_cast<float>(0.5 * weight_decay * squares);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "penalty_cpu", [&] {
+    *s.data_ptr<scalar_t>() = static_cast<scalar_t>(0.5 * weight_decay * squares);
+  });
   return s;
 }
 
 // g *= mask * scale, element by element as a product (so that NaN and Inf in a
 // dropped unit propagate as in torch's dropout, which multiplies by 0); the rows
-// split over the threads like ATen's elementwise kernels.
+// split over the threads like ATen's elementwise kernels. Half types multiply
+// in float32 by the float32 scale and round once (as on CUDA).
 template <typename T>
-void apply_mask(T* g, const bool* mask, T scale, int64_t size) {
+void apply_mask(T* g, const bool* mask, double scale, int64_t size) {
+  using Acc = at::opmath_type<T>;
+  const Acc keep = static_cast<Acc>(scale);
   at::parallel_for(0, size, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      g[i] = g[i] * (mask[i] ? scale : T(0));
+      g[i] = static_cast<T>(static_cast<Acc>(g[i]) * (mask[i] ? keep : Acc(0)));
     }
   });
 }
 
 void apply_dropout_cpu(Tensor& g, const Tensor& mask, double p) {
   TORCH_INTERNAL_ASSERT(g.is_contiguous() && mask.is_contiguous() && g.numel() == mask.numel());
-  if (g.scalar_type() == at::kDouble) {
-    apply_mask(g.data_ptr<double>(), mask.const_data_ptr<bool>(), dropout_scale(p), g.numel());
-  } else {
-    apply_mask(
-        g.data_ptr<float>(), mask.const_data_ptr<bool>(), static_cast<float>(dropout_scale(p)),
-        g.numel());
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "apply_dropout_cpu", [&] {
+    apply_mask(g.data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), dropout_scale(p), g.numel());
+  });
 }
 
 // The mask from torch's CPU generator by ATen's bernoulli_ (its lock, its
@@ -74,7 +75,7 @@ void dropout_cpu(Tensor& h, Tensor& mask, double p) {
 
 DeviceKernels make_cpu_kernels() {
   DeviceKernels k{bias_activation_cpu, activation_backward_cpu, penalty_cpu,
-                  /*reduced_precision=*/false};
+                  /*reduced_precision=*/true};
   k.matmul = cpu_matmul;
   k.column_sums = column_sums_cpu;
   k.activation_in_place = true;  // each vector is read before it is written

@@ -1,7 +1,7 @@
 // CUDA side of the fused MLP ops: DeviceKernels that queue the raw kernels of
 // mlp_kernels.cu on the current stream, the CUDA kernels of fused_mlp_forward /
-// fused_mlp_inference / fused_mlp_backward, and torch.autocast("cuda") for
-// fused_mlp.
+// fused_mlp_inference / fused_mlp_backward (torch.autocast for the public ops,
+// CPU and CUDA alike, is in ../autocast.cpp).
 //
 // Two paths: the GEMM path (ATen's, i.e. cuBLAS, products through the shared
 // orchestration of mlp.cpp, with our elementwise kernels between them), and the
@@ -14,10 +14,7 @@
 // need a second code path beside ATen's, and their gain on the elementwise share
 // has to be measured on a GPU before it earns that.
 #include <ATen/Context.h>
-#include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -28,7 +25,6 @@
 
 #include "../device_registration.h"
 #include "../mlp.h"
-#include "../ops.h"
 #include "mlp_kernels.cuh"
 #include "narrow_mlp.cuh"
 
@@ -331,55 +327,10 @@ DeviceKernels make_cuda_kernels() {
 
 const DeviceKernels kCudaKernels = make_cuda_kernels();
 
-// torch.autocast("cuda") for fused_mlp, the way autocast treats nn.Linear
-// (aten::linear, also CompositeImplicitAutograd, is a "lower_precision_fp" op):
-// floating CUDA inputs other than float64 are cast to the autocast dtype, then
-// the op runs below autocast, so o (and s) come out in that dtype.
-//
-// Why here, on the composite fused_mlp and not on fused_mlp_forward: the
-// Autocast keys sit above Autograd, so these casts are recorded by autograd
-// (cached_cast is Tensor::to) and the autograd node of fused_mlp sees, saves
-// and differentiates the cast tensors only. Its backward then runs entirely in
-// the autocast dtype (fused_mlp_backward gets matching dtypes), and the casts'
-// own backward returns each gradient in its parameter's dtype, as with
-// nn.Linear. A cast inside fused_mlp_forward instead would leave the node with
-// float32 saved inputs, a bfloat16 z/h and grad_o, and gradients of mixed dtype.
-std::tuple<Tensor, Tensor> fused_mlp_autocast(
-    const Tensor& x,
-    const Tensor& w1,
-    const Tensor& w2,
-    const std::optional<Tensor>& b1,
-    const std::optional<Tensor>& b2,
-    c10::string_view activation,
-    double weight_decay,
-    bool save_hidden,
-    double dropout) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  const auto& op = fused_mlp_op();
-  // With inputs on several devices nothing is cast, so that the argument checks
-  // report the device mismatch rather than a dtype mismatch that casting made.
-  const auto on_device_of_x = [&](const std::optional<Tensor>& t) {
-    return !t || t->device() == x.device();
-  };
-  if (!x.is_cuda() || !on_device_of_x(w1) || !on_device_of_x(w2) || !on_device_of_x(b1) ||
-      !on_device_of_x(b2)) {
-    return op.call(x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout);
-  }
-  const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
-  const auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, at::kCUDA); };
-  return op.call(
-      cast(x), cast(w1), cast(w2), cast(b1), cast(b2), activation, weight_decay, save_hidden,
-      dropout);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlp_ext, CUDA, m) {
   register_device_kernels<kCudaKernels>(m);
-}
-
-TORCH_LIBRARY_IMPL(mlp_ext, AutocastCUDA, m) {
-  m.impl("fused_mlp", TORCH_FN(fused_mlp_autocast));
 }
 
 }  // namespace mlp_ext
