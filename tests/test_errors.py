@@ -369,7 +369,7 @@ def test_module_call_rejects_bad_inputs():
     mlp = mlp_ext.FusedMLP(4, 6, 3)
     with pytest.raises(TypeError, match="fused_mlp: expected x to be a Tensor, but got list"):
         mlp([[1.0, 2.0, 3.0, 4.0]])
-    with pytest.raises(TypeError, match=r"float32 or float64 on cpu\), but got Long"):
+    with pytest.raises(TypeError, match=r"float32, float64, float16 or bfloat16\), but got Long"):
         mlp(torch.ones(2, 4, dtype=torch.int64))
     with pytest.raises(RuntimeError, match=r"expected w1 on the device of x \(meta\)"):
         mlp(torch.randn(2, 4, device="meta"))

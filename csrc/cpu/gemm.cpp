@@ -12,12 +12,14 @@
 #include "gemm.h"
 
 #include <ATen/Context.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "kernels.h"
@@ -301,34 +303,51 @@ void onednn_gemm(
 #endif
 }
 
+// A float32 copy of t (contiguous), widened by our kernel (no dispatch).
+Tensor widened(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  Tensor wide = at::detail::empty_cpu(c.sizes(), c.options().dtype(at::kFloat));
+  isa_kernels().widen(c.scalar_type(), c.const_data_ptr(), wide.data_ptr<float>(), c.numel());
+  return wide;
+}
+
+// Products of the half types below this many multiply-adds are widened to
+// float32 (see reduced_matmul); measured in docs/performance-cpu.md.
+constexpr int64_t kWidenBelow = int64_t(1) << 22;
+
 // The half types: each product accumulates in float32 and rounds once to out's
-// dtype, as nn.Linear's do.
-// - bfloat16: ATen's addmm / mm, i.e. oneDNN's bfloat16 GEMM on CPUs with
-//   AVX512-BF16 or AMX (~2.5x the float32 GEMM at 1024^3 on Zen 4), ATen's own
-//   float-accumulating kernel elsewhere.
-// - float16: widened to float32 and multiplied by the float32 paths above.
-//   ATen's CPU float16 GEMM has no fast path on CPUs without AVX512-FP16 (under
-//   1 GFLOP/s at 1024^3 on Zen 4, docs/performance-cpu.md); the widening costs
-//   a pass over each operand and gives the same float32 accumulation.
+// dtype, as nn.Linear's do, on one of two paths:
+// - ATen's addmm / mm: for bfloat16 oneDNN's GEMM on CPUs with AVX512-BF16 or
+//   AMX (~2.5x the float32 GEMM at 1024^3 on Zen 4), from kWidenBelow on;
+// - widened: the operands widened to float32 by our kernels, the float32 paths
+//   above (our short-side kernels, MKL, oneDNN), out rounded back. For bfloat16
+//   below kWidenBelow, where oneDNN's bfloat16 call costs more than the widening
+//   saves; for float16 always, as ATen's CPU float16 GEMM has no fast path on
+//   CPUs without AVX512-FP16 (under 1 GFLOP/s at 1024^3 on Zen 4).
+// MLP_EXT_CPU_HALF_GEMM=aten|widen forces one (for measurements and tests).
 void reduced_matmul(
     Tensor& out, const Tensor* addend, const Tensor& a, bool trans_a, const Tensor& b,
     bool trans_b, double beta) {
-  if (out.scalar_type() == at::kBFloat16) {
+  static const int forced = [] {
+    const char* env = std::getenv("MLP_EXT_CPU_HALF_GEMM");
+    const std::string v = env ? env : "";
+    return v == "aten" ? 0 : v == "widen" ? 1 : -1;
+  }();
+  const int64_t m = out.size(0), n = out.size(1), k = trans_a ? a.size(0) : a.size(1);
+  const bool aten = out.scalar_type() == at::kBFloat16 &&
+      (forced == 0 || (forced == -1 && m * n * k >= kWidenBelow));
+  const bool add = addend != nullptr && beta != 0;
+  if (aten) {
     const Tensor lhs = trans_a ? a.t() : a, rhs = trans_b ? b.t() : b;
-    if (addend == nullptr || beta == 0) {
-      at::mm_out(out, lhs, rhs);
-    } else {
-      at::addmm_out(out, *addend, lhs, rhs, beta);
-    }
+    add ? at::addmm_out(out, *addend, lhs, rhs, beta) : at::mm_out(out, lhs, rhs);
     return;
   }
-  Tensor wide = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-  const Tensor wide_addend =
-      addend != nullptr && beta != 0 ? addend->to(at::kFloat) : Tensor();
-  cpu_matmul(
-      wide, wide_addend.defined() ? &wide_addend : nullptr, a.to(at::kFloat), trans_a,
-      b.to(at::kFloat), trans_b, beta);
-  out.copy_(wide);
+  Tensor wide = at::detail::empty_cpu(out.sizes(), out.options().dtype(at::kFloat));
+  const Tensor wide_addend = add ? widened(*addend) : Tensor();
+  // widened() lays each operand out row-major: a transposed view reads it as
+  // op(t) as before (trans flags unchanged).
+  cpu_matmul(wide, add ? &wide_addend : nullptr, widened(a), trans_a, widened(b), trans_b, beta);
+  isa_kernels().narrow(out.scalar_type(), wide.const_data_ptr<float>(), out.data_ptr(), wide.numel());
 }
 
 }  // namespace

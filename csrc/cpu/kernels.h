@@ -67,6 +67,10 @@ struct IsaKernels {
       c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
       const void* a, int64_t ld_a, const void* b, int64_t ld_b, void* out, int64_t ld_out,
       const void* addend, int64_t ld_addend, double beta, bool parallel);
+  // dst (size float32) = src (size of dtype, float16 or bfloat16) widened; and
+  // back, rounded to nearest even. Split over the threads where large.
+  void (*widen)(c10::ScalarType dtype, const void* src, float* dst, int64_t size);
+  void (*narrow)(c10::ScalarType dtype, const float* src, void* dst, int64_t size);
 };
 
 // The variant for the widest instruction set this CPU has (kernels_default.cpp).

@@ -346,6 +346,54 @@ void scaled_copy(c10::ScalarType dtype, const void* src, void* dst, double scale
   });
 }
 
+template <typename F>
+void with_half_dtype(c10::ScalarType dtype, const F& f) {
+  TORCH_INTERNAL_ASSERT(dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half);
+  if (dtype == c10::ScalarType::BFloat16) {
+    f(c10::BFloat16{});
+  } else {
+    f(c10::Half{});
+  }
+}
+
+void widen(c10::ScalarType dtype, const void* src, float* dst, int64_t size) {
+  with_half_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    using L = Lanes<T>;
+    using V = typename L::V;
+    const T* from = static_cast<const T*>(src);
+    at::parallel_for(0, size, kGrainElements, [&](int64_t begin, int64_t end) {
+      for_each_step<L::kStep>(begin, end, [&](int64_t j, int64_t count) {
+        const auto v = L::load(from + j, count);
+        for (int part = 0; part < L::kParts; ++part) {
+          const int64_t c = part_count<V>(count, part);
+          if (c > 0) {
+            v[part].store(dst + j + part * V::size(), c);
+          }
+        }
+      });
+    });
+  });
+}
+
+void narrow(c10::ScalarType dtype, const float* src, void* dst, int64_t size) {
+  with_half_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    using L = Lanes<T>;
+    using V = typename L::V;
+    T* to = static_cast<T*>(dst);
+    at::parallel_for(0, size, kGrainElements, [&](int64_t begin, int64_t end) {
+      for_each_step<L::kStep>(begin, end, [&](int64_t j, int64_t count) {
+        typename L::Pack v;
+        for (int part = 0; part < L::kParts; ++part) {
+          v[part] = V::loadu(src + j + part * V::size(), part_count<V>(count, part));
+        }
+        L::store(v, to + j, count);
+      });
+    });
+  });
+}
+
 // Without a capability at::vec is scalar code, and the BLAS is faster.
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #define MLP_EXT_SHORT_GEMM short_gemm
@@ -369,8 +417,8 @@ void short_gemm(
 
 }  // namespace
 
-const IsaKernels kTable{bias_activation, activation_backward, column_sums,
-                            sum_of_squares,  scaled_copy,         MLP_EXT_SHORT_GEMM};
+const IsaKernels kTable{bias_activation, activation_backward, column_sums, sum_of_squares,
+                        scaled_copy,     MLP_EXT_SHORT_GEMM,  widen,       narrow};
 #undef MLP_EXT_SHORT_GEMM
 
 }  // namespace CPU_CAPABILITY
