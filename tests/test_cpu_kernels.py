@@ -81,6 +81,52 @@ def test_short_gemm_tile_edges(capability):
     assert run_check(capability, "short", SHORT_SHAPES, ("relu", "gelu")) == capability.upper()
 
 
+# The half types on each kernel variant and each product path of theirs
+# (MLP_EXT_CPU_HALF_GEMM: ATen's bfloat16 GEMM, or widened to the float32 paths),
+# against float64 on the same rounded inputs: within 3x the error of torch's own
+# ops in that dtype plus two units in the last place (tests/helpers.error_bound).
+CHECK_HALF = textwrap.dedent("""
+    import torch, mlp_ext
+    from mlp_ext import reference
+    torch.manual_seed(0)
+    ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+    def rel(a, b):
+        return (a.double() - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+    for dtype in (torch.bfloat16, torch.float16):
+        for n, d, h, q in SHAPES:
+            for act in ACTIVATIONS:
+                base = [torch.randn(n, d), torch.randn(h, d) / d ** 0.5, torch.randn(q, h) / h ** 0.5,
+                        torch.randn(h), torch.randn(q)]
+                base = [t.to(dtype) for t in base]
+                g = torch.randn(n, q).to(dtype)
+                def run(fn, dt):
+                    args = [t.to(dt, copy=True).requires_grad_() for t in base]
+                    o, s = fn(*args, activation=act, weight_decay=0.1)
+                    ((o * g.to(dt)).sum() + 3 * s).backward()
+                    return [o, s] + [a.grad for a in args]
+                got, eager = run(mlp_ext.fused_mlp, dtype), run(reference.fused_mlp, dtype)
+                exact = run(reference.fused_mlp, torch.float64)
+                for i, (a, e, b) in enumerate(zip(got, eager, exact)):
+                    assert a.dtype == dtype, (i, a.dtype)
+                    bound = 3 * rel(e, b) + 2 * ulp[dtype]
+                    assert rel(a, b) <= bound, (dtype, (n, d, h, q), act, i, rel(a, b), bound)
+    print("ok", torch.backends.cpu.get_cpu_capability())
+""")
+
+
+@pytest.mark.parametrize("capability, path", [
+    ("default", "widen"), ("avx2", "widen"), ("avx512", "widen"), ("avx512", "aten"),
+])
+def test_half_types_on_each_kernel_variant_and_product_path(capability, path):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MLP_EXT_CPU_HALF_GEMM=path,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    script = f"SHAPES = {SHAPES!r}\nACTIVATIONS = {('relu', 'gelu', 'sigmoid')!r}\n" + CHECK_HALF
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_strided_operands(dtype):
     """Transposed, sliced and expanded operands reach the BLAS / oneDNN calls."""
