@@ -54,10 +54,10 @@ their dtype) under torch.autocast(device, dtype=DTYPE), the models kept in
 --dtype (float32); the GEMM floor is then timed in DTYPE, the dtype autocast
 gives the products.
 """
-import contextlib
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
