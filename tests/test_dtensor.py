@@ -376,8 +376,7 @@ def fsdp_trains_like_one_process(rank, world):
                            make_optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
 
     # Mixed precision: float64 master weights, float32 compute and gradient
-    # reduction, against one process computing in float32. (bfloat16 parameters
-    # wait for the CPU operator's bfloat16 support.)
+    # reduction, against one process computing in float32.
     ref = Blocks(82)
     model = copy.deepcopy(ref)
     policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
@@ -396,6 +395,33 @@ def fsdp_trains_like_one_process(rank, world):
         assert p.grad.dtype == DTYPE, (name, p.grad.dtype)  # reduced in float32, kept in the param dtype
         assert_close(p.grad.full_tensor(), q.grad.double(), rtol=1e-5, atol=1e-6,
                      msg=lambda m: f"mixed precision: dJ/d{name}\n{m}")
+
+    # bfloat16 compute (the CPU operator in bfloat16), float32 reduction: each
+    # gradient as close to the float64 one as one process computing in bfloat16
+    # gets, within 3x that error plus two bfloat16 units (2^-7) in the last place.
+    ref = Blocks(83)
+    model = copy.deepcopy(ref)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in [*model.blocks, model.head]:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    ref16 = copy.deepcopy(ref).bfloat16()
+    x, y = randn(92, 2 * world, D), labels(93, 2 * world)
+    o, s = model(x[mine])
+    assert o.dtype == torch.bfloat16
+    (F.cross_entropy(o, y[mine]) + s).backward()
+    for reference_model, inputs in ((ref16, x.bfloat16()), (ref, x)):
+        o_ref, s_ref = reference_model(inputs)
+        (F.cross_entropy(o_ref, y) + s_ref).backward()
+
+    def relative_error(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    for (name, p), q16, q in zip(model.named_parameters(), ref16.parameters(), ref.parameters()):
+        assert p.grad.dtype == DTYPE, (name, p.grad.dtype)
+        bound = 3 * relative_error(q16.grad, q.grad) + 2 * 2.0**-7
+        error = relative_error(p.grad.full_tensor(), q.grad)
+        assert error <= bound, f"bfloat16 mixed precision: dJ/d{name}: {error:.3g} > {bound:.3g}"
 
 
 def fsdp_checkpoint_round_trip(rank, world):

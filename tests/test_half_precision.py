@@ -95,6 +95,34 @@ def test_save_hidden_false_and_inference_are_bitwise_the_training_forward(device
     assert torch.equal(o, results[0][0]) and torch.equal(s, results[0][1])
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_dropout_matches_float64_reference_given_the_mask(device, dtype):
+    """Hidden-layer dropout in a half type: o, s (forward op) and every gradient
+    (backward op, with the forward's mask and save_hidden=False's recomputed h too)
+    against the float64 reference given the same mask, within error_bound."""
+    inputs, grad_o, grad_s = _problem(device, dtype, (70, 20, 40, 6))
+    args = [t.detach() for t in inputs]
+    o, s, z, h, mask = OPS.fused_mlp_forward(*args, "gelu", 0.2, 0.3)
+    assert mask.dtype == torch.bool and 0 < mask.sum() < mask.numel()
+    results = {}
+    for name, dt in (("eager", dtype), ("exact", torch.float64)):
+        x, w1, w2, b1, b2 = [t.to(dt) for t in args]
+        ref_o, ref_s = reference.fused_mlp(x, w1, w2, b1, b2, activation="gelu", weight_decay=0.2,
+                                           dropout=0.3, dropout_mask=mask)
+        grads = reference.fused_mlp_backward(grad_o.to(dt), x, w1, w2, b1, activation="gelu",
+                                             weight_decay=0.2, grad_s=grad_s.to(dt), dropout=0.3,
+                                             dropout_mask=mask)
+        results[name] = [ref_o, ref_s, *grads]
+    for saved_h in (h, None):
+        ours = [o, s, *OPS.fused_mlp_backward(grad_o, grad_s, *args[:3], z, saved_h, "gelu", 0.2,
+                                              [True] * 5, mask, 0.3)]
+        for name, mine, theirs, truth in zip(["o", "s", *NAMES], ours, results["eager"],
+                                             results["exact"]):
+            assert mine.dtype == dtype, name
+            bound = error_bound(theirs, truth, dtype)
+            assert relative_error(mine, truth) <= bound, (name, relative_error(mine, truth), bound)
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("dtype", HALF_TYPES)
 def test_loss_op_matches_float64_reference(device, dtype, loss):
