@@ -346,6 +346,11 @@ void scaled_copy(c10::ScalarType dtype, const void* src, void* dst, double scale
   });
 }
 
+// Elements per parallel task of the conversions: memory-bound passes that take
+// ~10 us per 64K elements on one core, less than a parallel region costs on a
+// busy machine.
+constexpr int64_t kConvertGrain = int64_t(1) << 18;
+
 template <typename F>
 void with_half_dtype(c10::ScalarType dtype, const F& f) {
   TORCH_INTERNAL_ASSERT(dtype == c10::ScalarType::BFloat16 || dtype == c10::ScalarType::Half);
@@ -362,7 +367,7 @@ void widen(c10::ScalarType dtype, const void* src, float* dst, int64_t size) {
     using L = Lanes<T>;
     using V = typename L::V;
     const T* from = static_cast<const T*>(src);
-    at::parallel_for(0, size, kGrainElements, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, size, kConvertGrain, [&](int64_t begin, int64_t end) {
       for_each_step<L::kStep>(begin, end, [&](int64_t j, int64_t count) {
         const auto v = L::load(from + j, count);
         for (int part = 0; part < L::kParts; ++part) {
@@ -382,7 +387,7 @@ void narrow(c10::ScalarType dtype, const float* src, void* dst, int64_t size) {
     using L = Lanes<T>;
     using V = typename L::V;
     T* to = static_cast<T*>(dst);
-    at::parallel_for(0, size, kGrainElements, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, size, kConvertGrain, [&](int64_t begin, int64_t end) {
       for_each_step<L::kStep>(begin, end, [&](int64_t j, int64_t count) {
         typename L::Pack v;
         for (int part = 0; part < L::kParts; ++part) {
