@@ -8,7 +8,7 @@ from torch.nn import Parameter
 
 from . import penalty as _penalty
 from .activations import QuickGELU, resolve_activation
-from .functional import _fused_mlp, check_dropout, check_options, check_tensor, is_dtensor
+from .functional import _fused_mlp, check_dropout, check_options, check_tensor, is_dtensor, op_options
 
 # Activation name <-> the nn module of a Sequential (to_sequential builds these).
 _MODULES = {
@@ -161,12 +161,13 @@ class FusedMLP(nn.Module):
             check_tensor("fused_mlp", "x", x)
         # The op directly, not fused_mlp: the options were checked when they were set
         # (at construction), the op checks the tensors, and the Python checks would
-        # cost ~12K instructions, a tenth of a small inference call.
+        # cost ~12K instructions, a tenth of a small inference call. Only the options
+        # that differ from the op's defaults are passed (op_options).
         o, s = _fused_mlp(x, w1, _attribute(fc2, "weight"),
                           _attribute(fc1, "bias"), _attribute(fc2, "bias"),
-                          activation=self.activation,
-                          weight_decay=self.weight_decay if return_penalty or collector is not None else 0.0,
-                          save_hidden=self.save_hidden, dropout=self.dropout if self.training else 0.0)
+                          **op_options(self.activation,
+                                       self.weight_decay if return_penalty or collector is not None else 0.0,
+                                       self.save_hidden, self.dropout if self.training else 0.0))
         if collector is not None:
             collector.add(s)
         return (o, s) if return_penalty else o
