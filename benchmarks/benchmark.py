@@ -590,7 +590,8 @@ def markdown_table(results: List[dict]) -> str:
                f"**{r['ratio']:.2f}×**", fmt_spread(r["spread"]) if "spread" in r else "–"]
         if compiled and "ratio_compiled" in r:
             row += [fmt_time(r["seconds"]["compiled"]), f"{r['ratio_compiled']:.2f}×",
-                    fmt_spread(r["spread_compiled"]), f"{r['compile_seconds']:.1f} s"]
+                    fmt_spread(r["spread_compiled"]) if "spread_compiled" in r else "–",
+                    f"{r['compile_seconds']:.1f} s" if "compile_seconds" in r else "–"]
         elif compiled:  # a case outside --compile-shapes
             row += ["–", "–", "–", "–"]
         saved = r.get("saved_bytes", {})
