@@ -20,9 +20,14 @@ and gradients, and only then times, in one process:
   op/floor (that time over the GEMM floor; in inference the fused call itself)
   is how close the operator comes to its matrix products;
 * optionally (--compile, or --compile-shapes for some shapes only) torch.compile
-  of the nn.Linear Sequential, compiled afresh for each case (two graphs: with
-  and without grad), so that no case runs past dynamo's recompile limit into
-  silent eager fallback.
+  of the nn.Linear side the way a user compiles it: the forward for inference,
+  and the training step's forward and loss as one function (its backward is
+  compiled with it), each a fresh function compiled with fullgraph=True after
+  torch._dynamo.reset(), so that no case or mode reuses another's cache or runs
+  past dynamo's recompile limit into eager fallback. Dynamo's counters are
+  checked after the timing (one graph per function, no graph break, no
+  recompilation, no frame left to eager); the first calls' time is reported as
+  the compile time.
 
 From these, the bound eager / (bare step + GEMM floor): the ratio that an
 operator costing nothing beyond its matrix products (run by the faster of
@@ -34,7 +39,10 @@ with a short side), op/floor drops below 1 and the ratio can pass the bound.
 Times are medians over interleaved rounds taken after warm-up: every round
 runs each side once (a block of calls long enough to time), in alternating
 order, so that a load change on a shared machine hits both sides alike; the
-ratio eager/fused is the median of the per-round ratios.
+ratio eager/fused is the median of the per-round ratios. Their spread (the
+lowest and highest per-round ratio, and the interquartile range) is reported
+too, and a case whose rounds disagree (interquartile range over 25% of the
+median: the machine's load changed under it) is flagged "noisy".
 
 Output: a Markdown table on stdout, and <out>/<stem>.json (every figure,
 with the machine, torch version, thread count and date), <out>/<stem>.md
@@ -68,6 +76,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -104,12 +113,23 @@ MODES = ("inference", "train")
 
 @dataclasses.dataclass
 class Side:
-    """One implementation of the MLP: o = forward(x), (o, s) = with_penalty(x)."""
+    """One implementation of the MLP: o = forward(x), (o, s) = with_penalty(x);
+    where objective is given, (J, o, s) = objective(x, y) is the training step's
+    forward and loss in one call (the compiled side's)."""
     name: str
     forward: Callable[[Tensor], Tensor]
     with_penalty: Callable[[Tensor], Tuple[Tensor, Tensor]]
     params: List[Tensor]  # w1, b1, w2, b2
     module: Optional[nn.Module] = None  # for train() / eval()
+    objective: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]] = None
+
+
+def objective_of(side: Side, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """J = cross_entropy(o, y) + s, o and s of one forward of side."""
+    if side.objective is not None:
+        return side.objective(x, y)
+    o, s = side.with_penalty(x)
+    return F.cross_entropy(o, y) + s, o, s
 
 
 def make_sequential(shape, dtype, activation, device, dropout: float = 0.0) -> nn.Sequential:
@@ -144,13 +164,80 @@ def make_sides(seq: nn.Sequential, weight_decay: float, compile_eager: bool = Fa
              [fused.fc1.weight, fused.fc1.bias, fused.fc2.weight, fused.fc2.bias], fused),
     ]
     if compile_eager:
-        twin = copy.deepcopy(seq)
-        # A fresh cache per case: every shape/dtype/grad mode is a graph of its
-        # own, and past torch._dynamo.config.recompile_limit (8) dynamo would
-        # quietly run the later cases eagerly.
-        torch._dynamo.reset()
-        sides.append(linear_side("compiled", torch.compile(twin), twin))
+        sides.append(compiled_side(copy.deepcopy(seq), weight_decay))
     return sides
+
+
+def compiled_side(twin: nn.Sequential, weight_decay: float) -> Side:
+    """torch.compile of the nn.Linear side, as a user would write it: the forward
+    (inference) and the forward with its loss (the training step; its backward
+    is compiled along), each a function of its own compiled with fullgraph=True.
+
+    Dynamo is reset first: each case and each mode then gets a fresh cache, never
+    hitting torch._dynamo.config.recompile_limit, past which dynamo would run the
+    later cases eagerly and the benchmark would time that fallback."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    w1, w2 = twin[0].weight, twin[-1].weight
+
+    def forward(x):
+        return twin(x)
+
+    def objective(x, y):
+        o = twin(x)
+        s = weight_decay / 2 * (w1.square().sum() + w2.square().sum())
+        return F.cross_entropy(o, y) + s, o, s
+
+    def with_penalty(x):  # not compiled, and not used for this side (objective is)
+        return twin(x), weight_decay / 2 * (w1.square().sum() + w2.square().sum())
+
+    params = [twin[0].weight, twin[0].bias, twin[-1].weight, twin[-1].bias]
+    return Side("compiled", torch.compile(forward, fullgraph=True), with_penalty, params, twin,
+                torch.compile(objective, fullgraph=True))
+
+
+def compile_first_calls(side: Side, x: Tensor, y: Tensor) -> dict:
+    """Compiles the compiled side's two functions by their first calls, timed:
+    the compile time of each mode, in seconds."""
+    seconds = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        side.forward(x)
+    seconds["inference"] = time.perf_counter() - start
+    start = time.perf_counter()
+    train_step(side, x, y)()  # the forward graph, then the backward's on the first backward
+    seconds["train"] = time.perf_counter() - start
+    return seconds
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+
+
+def check_compiled(case: str, graphs_before_timing: int) -> dict:
+    """Dynamo's counters since compiled_side: at least the two graphs (inference,
+    training step), no graph break, every frame and AOTAutograd graph compiled,
+    and no graph compiled while the side was timed (a recompilation there, or a
+    cache past its limit, would have timed something else than the compiled
+    program; the timing itself runs with error_on_recompile)."""
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = compiled_graphs(), dict(counters["graph_break"])
+    frames, aot = dict(counters["frames"]), dict(counters["aot_autograd"])
+    problems = []
+    if breaks:
+        problems.append(f"graph breaks {breaks}")
+    if graphs < 2:
+        problems.append(f"{graphs} graphs compiled, expected 2 (inference, training step)")
+    if graphs != graphs_before_timing:
+        problems.append(f"{graphs - graphs_before_timing} graphs compiled during the timing")
+    if frames.get("ok", 0) != frames.get("total", 0):
+        problems.append(f"frames {frames}: some ran eagerly")
+    if aot.get("ok", 0) != aot.get("total", 0):
+        problems.append(f"AOTAutograd {aot}: some graphs failed")
+    if problems:
+        raise VerificationError(f"{case}: the compiled side did not run compiled: "
+                                + "; ".join(problems))
+    return {"graphs": graphs, "frames": frames, "graph_breaks": 0}
 
 
 def make_batch(shape, dtype, device, generator):
@@ -163,6 +250,18 @@ def make_batch(shape, dtype, device, generator):
 def train_step(side: Side, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     """One training step: gradients reset, J = cross_entropy(o, y) + s, backward."""
     params = side.params
+
+    if side.objective is not None:
+        objective = side.objective
+
+        def compiled_step():
+            for p in params:
+                p.grad = None
+            loss = objective(x, y)[0]
+            loss.backward()
+            return loss
+
+        return compiled_step
 
     def step():
         for p in params:
@@ -264,7 +363,7 @@ def verify(sides: Sequence[Side], x: Tensor, y: Tensor, eval_mode: bool = False,
             torch.manual_seed(seed + 1)
             loss = train_step(side, x, y)()
             torch.manual_seed(seed + 1)
-            o, s = side.with_penalty(x)
+            _, o, s = objective_of(side, x, y)
         finally:
             if side.module is not None:
                 side.module.train()
@@ -392,8 +491,10 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
         verify(make_sides(copy.deepcopy(seq).double(), args.weight_decay), x.double(), y)
     sides = make_sides(seq, args.weight_decay, args.compile and (
         args.compile_shapes is None or tuple(shape) in args.compile_shapes))
-    with autocast_context(args):
+    with autocast_context(args):  # compiled and verified in the precision it is timed in
+        compile_seconds = compile_first_calls(sides[2], x, y) if len(sides) > 2 else None
         verify(sides, x, y, eval_mode=dropout, tol=tolerance(compute_dtype))
+    graphs_before_timing = compiled_graphs()
 
     results = []
     for mode in MODES:
@@ -412,7 +513,10 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
                 closures[key] = gemm_closure(backend, m, k, n, a_t, b_t, compute_dtype, device,
                                              generator)
                 products.append((name, backend, key))
-        with torch.no_grad() if mode == "inference" else torch.enable_grad():
+        # With a compiled side, a recompilation while timing is an error, not a
+        # silent switch to another graph or to eager.
+        with torch.no_grad() if mode == "inference" else torch.enable_grad(), \
+                torch._dynamo.config.patch(error_on_recompile=len(sides) > 2):
             times = interleaved(closures, clock, args.rounds, args.block_seconds, progress=progress)
         median = medians(times)
 
@@ -448,18 +552,41 @@ def run_case(shape, dtype_name, activation, args, clock, generator, progress) ->
             "bare_step_seconds": bare,
             "bound": median["eager"] / (bare + floor),
         }
+        result["spread"] = spread([e / f for e, f in zip(times["eager"], times["fused"])])
         if "compiled" in median:
             result["ratio_compiled"] = statistics.median(
                 c / f for c, f in zip(times["compiled"], times["fused"]))
-        if mode == "train":
+            result["spread_compiled"] = spread([c / f for c, f in zip(times["compiled"], times["fused"])])
+            result["compile_seconds"] = compile_seconds[mode]
+            result["compile_check"] = check_compiled(
+                f"{'x'.join(map(str, shape))} {dtype_name} {activation} {mode}", graphs_before_timing)
+        if mode == "train":  # (not the compiled side's: dynamo would trace the hooks)
             with autocast_context(args):
-                result["saved_bytes"] = {s.name: train_step_saved_bytes(s, x, y) for s in sides}
+                result["saved_bytes"] = {s.name: train_step_saved_bytes(s, x, y) for s in sides
+                                         if s.objective is None}
         if device.type == "cuda":
             with torch.no_grad() if mode == "inference" else torch.enable_grad():
                 result["cuda_peak_bytes"] = {s.name: cuda_peak_bytes(closures[s.name], device)
                                              for s in sides}
         results.append(result)
     return results
+
+
+NOISY_IQR = 0.25  # interquartile range of the per-round ratios, over their median
+
+
+def spread(ratios: List[float]) -> dict:
+    """The per-round ratios' lowest, quartiles and highest; noisy when the
+    interquartile range exceeds NOISY_IQR of the median (the rounds disagree)."""
+    ordered = sorted(ratios)
+    q1, median, q3 = (statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1
+                      else ordered * 3)
+    return {"min": ordered[0], "q1": q1, "median": median, "q3": q3, "max": ordered[-1],
+            "noisy": (q3 - q1) > NOISY_IQR * median}
+
+
+def fmt_spread(sp: dict) -> str:
+    return f"{sp['min']:.2f}–{sp['max']:.2f}" + (" noisy" if sp["noisy"] else "")
 
 
 # --------------------------------------------------------------------------- reports
@@ -484,9 +611,9 @@ def fmt_bytes(n: Optional[int]) -> str:
 def markdown_table(results: List[dict]) -> str:
     compiled = any("ratio_compiled" in r for r in results)
     cuda = any("cuda_peak_bytes" in r for r in results)
-    head = ["n×d×h×q", "dtype", "act", "mode", "eager", "fused", "**eager/fused**"]
+    head = ["n×d×h×q", "dtype", "act", "mode", "eager", "fused", "**eager/fused**", "rounds"]
     if compiled:
-        head += ["compiled", "compiled/fused"]
+        head += ["compiled", "compiled/fused", "rounds", "compile"]
     head += ["GEMM floor", "op/floor", "bound", "GFLOP/s eager", "GFLOP/s fused", "saved eager",
              "saved fused"]
     if cuda:
@@ -496,11 +623,13 @@ def markdown_table(results: List[dict]) -> str:
         s = r["shape"]
         row = ["×".join(str(s[k]) for k in "ndhq"), r["dtype"], r["activation"], r["mode"],
                fmt_time(r["seconds"]["eager"]), fmt_time(r["seconds"]["fused"]),
-               f"**{r['ratio']:.2f}×**"]
+               f"**{r['ratio']:.2f}×**", fmt_spread(r["spread"]) if "spread" in r else "–"]
         if compiled and "ratio_compiled" in r:
-            row += [fmt_time(r["seconds"]["compiled"]), f"{r['ratio_compiled']:.2f}×"]
+            row += [fmt_time(r["seconds"]["compiled"]), f"{r['ratio_compiled']:.2f}×",
+                    fmt_spread(r["spread_compiled"]) if "spread_compiled" in r else "–",
+                    f"{r['compile_seconds']:.1f} s" if "compile_seconds" in r else "–"]
         elif compiled:  # a case outside --compile-shapes
-            row += ["–", "–"]
+            row += ["–", "–", "–", "–"]
         saved = r.get("saved_bytes", {})
         row += [fmt_time(r["floor_seconds"]), f"{r['operator_over_floor']:.2f}", f"{r['bound']:.2f}×",
                 f"{r['gflops']['eager']:.3g}", f"{r['gflops']['fused']:.3g}",
@@ -588,6 +717,8 @@ def plot(results: List[dict], meta: dict, path: Path) -> None:
     ax.scatter([p + 0.5 * width for p in positions], bounds, marker="_", s=200, color="black",
                zorder=3, label="bound of the training step (no cost beyond the GEMMs)")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    # Ratios on a log axis: 2x faster and 2x slower are the same distance from 1.
+    ax.set_yscale("log")
     ax.set_xticks(list(positions))
     ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
     ax.set_ylabel("speed-up: time nn.Linear / time fused")

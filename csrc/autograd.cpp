@@ -1,17 +1,22 @@
 // The autograd nodes of fused_mlp and fused_mlp_loss, and the two ops'
 // CompositeImplicitAutograd kernels that build them.
 //
-// The nodes are C++ torch::autograd::Functions, so a training step runs no
+// The nodes are C++ (a plain torch::autograd::Node for fused_mlp, a
+// torch::autograd::Function for fused_mlp_loss), so a training step runs no
 // Python between the op call and the gradients. Each one's forward is one op
 // call (fused_mlp_forward, fused_mlp_loss_forward) and its backward one op call
 // (fused_mlp_backward, fused_mlp_loss_backward). Under create_graph=True the
 // backward instead differentiates the same function recomputed from
 // differentiable ATen ops, so second derivatives are exact; both nodes share
 // that path and the mask of the gradients their inputs need.
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "loss.h"
@@ -22,6 +27,7 @@ namespace mlp_ext {
 namespace {
 
 using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 constexpr size_t kX = 0, kW1 = 1, kW2 = 2, kB1 = 3, kB2 = 4;  // positions in a gradient mask
@@ -47,13 +53,27 @@ bool any(const GradientMask& mask) {
   return mask[kX] || mask[kW1] || mask[kW2] || mask[kB1] || mask[kB2];
 }
 
-// Whether the call must be recorded for a derivative: backward (grad mode on
-// and an input requiring grad) or forward mode (an input with a tangent, which
-// the nodes reject with a clear error).
-bool needs_autograd(std::initializer_list<const std::optional<Tensor>*> inputs) {
-  const bool grad_mode = at::GradMode::is_enabled();
-  for (const std::optional<Tensor>* t : inputs) {
-    if (*t && (((grad_mode && (*t)->requires_grad())) || (*t)->_fw_grad(0).defined())) {
+// Whether an input (null: an absent bias) has a forward-mode tangent, which the
+// nodes reject with a clear error.
+template <size_t N>
+bool forward_gradient(const Tensor* const (&inputs)[N]) {
+  for (const Tensor* t : inputs) {
+    if (t != nullptr && t->_fw_grad(/*level=*/0).defined()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Whether the call must be recorded for backward: grad mode on and an input
+// (null: an absent bias) requiring grad.
+template <size_t N>
+bool requires_grad(const Tensor* const (&inputs)[N]) {
+  if (!at::GradMode::is_enabled()) {
+    return false;
+  }
+  for (const Tensor* t : inputs) {
+    if (t != nullptr && t->requires_grad()) {
       return true;
     }
   }
@@ -147,60 +167,66 @@ BackwardResult differentiable_gradients(
   return {result[kX], result[kW1], result[kW2], result[kB1], result[kB2]};
 }
 
+// torch::autograd::Node is held by std::shared_ptr in older torch and by
+// c10::intrusive_ptr in newer ones: make a node the way Edge holds it.
+template <typename NodeType>
+auto make_node() {
+  if constexpr (std::is_same_v<
+                    decltype(torch::autograd::Edge::function),
+                    std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<NodeType>(new NodeType());
+  } else {
+    return c10::make_intrusive<NodeType>();
+  }
+}
+
+// The autograd node of fused_mlp: a plain torch::autograd::Node, not a
+// torch::autograd::Function. Function's generality (a variable list of the
+// inputs, per-input and per-output metadata, the saved_data IValue dictionary,
+// the output wrapping for views, dirty and non-differentiable tensors, a
+// vector of saved variables) cost 13-18K instructions a training step more than
+// this node, which holds plain members instead (benchmarks/instructions.py:
+// node and engine 88K -> 75K at 1x16^3, 88K -> 70K at 64^4).
+//
 // Saved for backward: x, w1, w2, b1 (if given; read only for second
 // derivatives), and the intermediates z and h of the forward (z only when
 // save_hidden is false: the backward then recomputes h = phi(z)), and with
 // dropout > 0 the bool mask (one byte per hidden unit; h is saved with the mask
 // already applied, which is what dW2 reads). Not b2: no derivative reads it.
-class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
+// Its next edges are those of x, w1, w2, b1, b2 in that order (an absent bias:
+// an invalid edge), so that output i of the node is the gradient of input i.
+class FusedMLPBackward : public torch::autograd::Node {
  public:
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& x,
-      const Tensor& w1,
-      const Tensor& w2,
-      const std::optional<Tensor>& b1,
-      const std::optional<Tensor>& b2,
-      c10::string_view activation,
-      double weight_decay,
-      bool save_hidden,
-      double dropout) {
-    // Function::apply turns grad mode off but leaves the autograd keys on: skip
-    // them, or the call would go through the (boxed) autograd fallback.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [o, s, z, h, mask] =
-        forward_op().call(x, w1, w2, b1, b2, activation, weight_decay, dropout);
-    ctx->save_for_backward(
-        {x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor(),
-         dropout > 0 ? mask : Tensor()});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["weight_decay"] = weight_decay;
-    ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["has_b2"] = b2.has_value();
-    ctx->set_materialize_grads(false);
-    return {o, s};
+  std::string name() const override {
+    return "FusedMLPBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &b1 = saved[3];
-    const Tensor &z = saved[4], &h = saved[5], &dropout_mask = saved[6];
-    const std::string& activation = ctx->saved_data["activation"].toStringRef();
-    const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
-    const double dropout = ctx->saved_data["dropout"].toDouble();
+  void release_variables() override {
+    for (SavedVariable* v : {&x_, &w1_, &w2_, &b1_, &z_, &h_, &dropout_mask_}) {
+      v->reset_data();
+    }
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    // As CppNode::apply: a node may be run from several threads at once.
+    std::lock_guard<std::mutex> lock(mutex_);
+    const GradientMask mask = {
+        should_compute_output(kX), should_compute_output(kW1), should_compute_output(kW2),
+        should_compute_output(kB1), should_compute_output(kB2)};
     const Tensor &grad_o = grads[0], &grad_s = grads[1];
-    const GradientMask mask =
-        gradient_mask(ctx, 0, 1, b1.defined(), ctx->saved_data["has_b2"].toBool());
-    variable_list result(9);  // one per forward argument
+    variable_list result(kB2 + 1);
     if (!any(mask) || (!grad_o.defined() && !grad_s.defined())) {
       return result;
     }
+    const Tensor x = x_.unpack(), w1 = w1_.unpack(), w2 = w2_.unpack(), b1 = b1_.unpack();
+    const Tensor z = z_.unpack(), h = h_.unpack(), dropout_mask = dropout_mask_.unpack();
+    const std::string_view activation = activation_name(activation_);
     Tensor dx, dw1, dw2, db1, db2;
     if (at::GradMode::is_enabled()) {
       // o without b2 (it shifts o only); db2 = the row sums of grad_o.
       const auto [o, s] = recompute_forward(
-          x, w1, w2, b1, Tensor(), activation, weight_decay,
-          dropout_factor(dropout_mask, dropout, x.scalar_type()));
+          x, w1, w2, b1, Tensor(), activation, weight_decay_,
+          dropout_factor(dropout_mask, dropout_, x.scalar_type()));
       GradientMask without_b2 = mask;
       without_b2[kB2] = false;
       std::tie(dx, dw1, dw2, db1, std::ignore) = differentiable_gradients(
@@ -213,17 +239,72 @@ class FusedMLPFunction : public torch::autograd::Function<FusedMLPFunction> {
       // the device kernel instead of through the (boxed) autograd fallback.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(dx, dw1, dw2, db1, db2) = backward_op().call(
-          grad_o, optional(grad_s), x, w1, w2, z, optional(h), activation, weight_decay, mask,
-          optional(dropout_mask), dropout);
-    } else if (weight_decay != 0) {
+          grad_o, optional(grad_s), x, w1, w2, z, optional(h), activation, weight_decay_, mask,
+          optional(dropout_mask), dropout_);
+    } else if (weight_decay_ != 0) {
       // Only s reached the loss: its gradient g_s * weight_decay * W.
-      dw1 = mask[kW1] ? w1 * (grad_s * weight_decay) : Tensor();
-      dw2 = mask[kW2] ? w2 * (grad_s * weight_decay) : Tensor();
+      dw1 = mask[kW1] ? w1 * (grad_s * weight_decay_) : Tensor();
+      dw2 = mask[kW2] ? w2 * (grad_s * weight_decay_) : Tensor();
     }
-    result[0] = dx, result[1] = dw1, result[2] = dw2, result[3] = db1, result[4] = db2;
+    result[kX] = std::move(dx), result[kW1] = std::move(dw1), result[kW2] = std::move(dw2);
+    result[kB1] = std::move(db1), result[kB2] = std::move(db2);
     return result;
   }
+
+  SavedVariable x_, w1_, w2_, b1_, z_, h_, dropout_mask_;
+  Activation activation_ = Activation::Relu;
+  double weight_decay_ = 0;
+  double dropout_ = 0;
 };
+
+// fused_mlp with autograd: the forward op, then one FusedMLPBackward node as
+// the history of o and s (what Function::apply does for FusedMLPBackward's
+// case, without the generality it does not need).
+std::tuple<Tensor, Tensor> fused_mlp_with_node(
+    const Tensor& x,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    c10::string_view activation,
+    double weight_decay,
+    bool save_hidden,
+    double dropout) {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    // As Function::apply: functorch's transforms do not support C++ autograd nodes.
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
+  Tensor o, s, z, h, mask;
+  {
+    // Below autograd: the forward kernel records nothing itself.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(o, s, z, h, mask) =
+        forward_op().call(x, w1, w2, b1, b2, activation, weight_decay, dropout);
+  }
+  auto node = make_node<FusedMLPBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, w1, w2, b1, b2));
+  // In the order of Function::save_for_backward's list before (saved-tensor
+  // hooks see them in this order).
+  node->x_ = SavedVariable(x, /*is_output=*/false);
+  node->w1_ = SavedVariable(w1, false);
+  node->w2_ = SavedVariable(w2, false);
+  if (b1) {
+    node->b1_ = SavedVariable(*b1, false);
+  }
+  node->z_ = SavedVariable(z, false);
+  if (save_hidden) {
+    node->h_ = SavedVariable(h, false);
+  }
+  if (dropout > 0) {
+    node->dropout_mask_ = SavedVariable(mask, false);
+  }
+  node->activation_ = parse_activation(activation);  // checked by the forward op already
+  node->weight_decay_ = weight_decay;
+  node->dropout_ = dropout;
+  torch::autograd::set_history(o, node);
+  torch::autograd::set_history(s, node);
+  return {std::move(o), std::move(s)};
+}
 
 std::tuple<Tensor, Tensor> fused_mlp_autograd(
     const Tensor& x,
@@ -235,16 +316,18 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
     double weight_decay,
     bool save_hidden,
     double dropout) {
-  const std::optional<Tensor> ox(x), ow1(w1), ow2(w2);
-  if (!needs_autograd({&ox, &ow1, &ow2, &b1, &b2})) {
+  const Tensor* inputs[] = {&x, &w1, &w2, b1 ? &*b1 : nullptr, b2 ? &*b2 : nullptr};
+  if (forward_gradient(inputs)) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false, "fused_mlp: forward-mode AD is not implemented (no jvp); an input has a tangent");
+  }
+  if (!requires_grad(inputs)) {
     // No autograd node to build, nothing to save (with dropout > 0 a mask is
     // still drawn and applied: dropout under no_grad in training mode, as F.dropout).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return inference_op().call(x, w1, w2, b1, b2, activation, weight_decay, dropout);
   }
-  auto outputs = FusedMLPFunction::apply(
-      x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout);
-  return {outputs[0], outputs[1]};
+  return fused_mlp_with_node(x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout);
 }
 
 // Saved for backward: dL/do, x, w1, w2, b1 (if given), z and h (h only with
@@ -339,8 +422,8 @@ std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
       !(target.requires_grad() && at::GradMode::is_enabled()),
       "fused_mlp_loss: gradients with respect to target are not supported (target requires "
       "grad); detach it, or use fused_mlp with torch's loss");
-  const std::optional<Tensor> ox(x), ow1(w1), ow2(w2);
-  if (!needs_autograd({&ox, &ow1, &ow2, &b1, &b2})) {
+  const Tensor* inputs[] = {&x, &w1, &w2, b1 ? &*b1 : nullptr, b2 ? &*b2 : nullptr};
+  if (!requires_grad(inputs) && !forward_gradient(inputs)) {
     // No gradient to come (evaluation): the forward op alone, without forming dL/do.
     auto result = loss_forward_op().call(
         x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,

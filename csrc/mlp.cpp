@@ -6,6 +6,7 @@
 #include <ATen/EmptyTensor.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 
 namespace mlp_ext {
@@ -210,6 +211,17 @@ Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
                                    : at::empty(sizes, options);
 }
 
+// A 0-dim zero; on CPU written in place rather than by a dispatched zero_().
+Tensor zero_scalar(const at::TensorOptions& options) {
+  Tensor s = empty({}, options);
+  if (options.device().is_cpu()) {
+    std::memset(s.data_ptr(), 0, s.nbytes());
+  } else {
+    s.zero_();
+  }
+  return s;
+}
+
 // g *= mask * dropout_scale(p).
 void apply_dropout(const DeviceKernels& kernels, Tensor& g, const Tensor& mask, double p) {
   if (kernels.apply_dropout != nullptr) {
@@ -288,7 +300,7 @@ ForwardResult fused_mlp_forward(
   Tensor o = empty({n, out_features}, options);
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
-  Tensor s = weight_decay == 0 ? empty({}, options).zero_() : kernels.penalty(w1, w2, weight_decay);
+  Tensor s = weight_decay == 0 ? zero_scalar(options) : kernels.penalty(w1, w2, weight_decay);
   if (x.dim() != 2) {
     auto o_shape = x.sizes().vec();
     o_shape.back() = out_features;

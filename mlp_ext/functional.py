@@ -13,6 +13,23 @@ from .activations import ACTIVATIONS, resolve_activation  # noqa: F401  (ACTIVAT
 _fused_mlp = torch.ops.mlp_ext.fused_mlp.default
 
 
+def op_options(activation: str, weight_decay: float, save_hidden: bool, dropout: float) -> dict:
+    """The keyword arguments of a fused_mlp op call: only those that differ from the
+    schema's defaults (csrc/ops.cpp). Each keyword the op's Python binding parses
+    against the schema costs ~4-7K instructions, a tenth of a small call
+    (benchmarks/instructions.py --calls), so the usual call passes none."""
+    options = {}
+    if activation != "relu":
+        options["activation"] = activation
+    if weight_decay != 0.0:
+        options["weight_decay"] = weight_decay
+    if not save_hidden:
+        options["save_hidden"] = False
+    if dropout != 0.0:
+        options["dropout"] = dropout
+    return options
+
+
 def is_dtensor(t) -> bool:
     """Whether t is a DTensor, without importing torch.distributed (slow to
     import, absent on some builds): a DTensor exists only once it is imported."""
@@ -126,5 +143,5 @@ def fused_mlp(
     check_dropout("fused_mlp", dropout, training)
     if type(w1) is not Tensor and type(w1) is not Parameter:
         register_dtensor_rules(w1)
-    return _fused_mlp(x, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
-                      save_hidden=save_hidden, dropout=float(dropout) if training else 0.0)
+    return _fused_mlp(x, w1, w2, b1, b2, **op_options(
+        activation, float(weight_decay), save_hidden, float(dropout) if training else 0.0))

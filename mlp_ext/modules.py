@@ -8,7 +8,7 @@ from torch.nn import Parameter
 
 from . import penalty as _penalty
 from .activations import QuickGELU, resolve_activation
-from .functional import _fused_mlp, check_dropout, check_options, check_tensor, is_dtensor
+from .functional import _fused_mlp, check_dropout, check_options, check_tensor, is_dtensor, op_options
 
 # Activation name <-> the nn module of a Sequential (to_sequential builds these).
 _MODULES = {
@@ -149,24 +149,29 @@ class FusedMLP(nn.Module):
     def forward(self, x: Tensor, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         names = self._linear_names
         fc1, fc2 = self._modules[names[0]], self._modules[names[1]]
-        w1 = _attribute(fc1, "weight")
+        p1, p2 = fc1._parameters, fc2._parameters
+        if "weight" in p1 and "weight" in p2 and "bias" in p1 and "bias" in p2:
+            # Read from _parameters in place (_attribute's fast path, without its four calls).
+            w1, w2, b1, b2 = p1["weight"], p2["weight"], p1["bias"], p2["bias"]
+        else:  # a parametrized weight or bias
+            w1, w2 = _attribute(fc1, "weight"), _attribute(fc2, "weight")
+            b1, b2 = _attribute(fc1, "bias"), _attribute(fc2, "bias")
         if type(w1) is not Parameter and type(w1) is not Tensor and is_dtensor(w1):
             # Tensor parallel (parallelize_module): DTensor weights (mlp_ext/_dtensor.py).
             from ._dtensor import fused_mlp_module_forward
-            return fused_mlp_module_forward(self, x, w1, _attribute(fc2, "weight"), _attribute(fc1, "bias"),
-                                            _attribute(fc2, "bias"), return_penalty)
+            return fused_mlp_module_forward(self, x, w1, w2, b1, b2, return_penalty)
         # Without return_penalty or a collector s is dropped: let the op skip computing it.
         collector = _penalty._ACTIVE[-1] if _penalty._ACTIVE and self.weight_decay else None
         if not isinstance(x, Tensor):
             check_tensor("fused_mlp", "x", x)
         # The op directly, not fused_mlp: the options were checked when they were set
         # (at construction), the op checks the tensors, and the Python checks would
-        # cost ~12K instructions, a tenth of a small inference call.
-        o, s = _fused_mlp(x, w1, _attribute(fc2, "weight"),
-                          _attribute(fc1, "bias"), _attribute(fc2, "bias"),
-                          activation=self.activation,
-                          weight_decay=self.weight_decay if return_penalty or collector is not None else 0.0,
-                          save_hidden=self.save_hidden, dropout=self.dropout if self.training else 0.0)
+        # cost ~12K instructions, a tenth of a small inference call. Only the options
+        # that differ from the op's defaults are passed (op_options).
+        o, s = _fused_mlp(x, w1, w2, b1, b2,
+                          **op_options(self.activation,
+                                       self.weight_decay if return_penalty or collector is not None else 0.0,
+                                       self.save_hidden, self.dropout if self.training else 0.0))
         if collector is not None:
             collector.add(s)
         return (o, s) if return_penalty else o

@@ -33,6 +33,8 @@ def test_quick_run_reports_every_case(quick_run, capsys):
         assert len(r["rounds"]["fused"]) == 2
         per_round = sorted(e / f for e, f in zip(r["rounds"]["eager"], r["rounds"]["fused"]))
         assert per_round[0] <= r["ratio"] <= per_round[-1]
+        assert r["spread"]["min"] == per_round[0] and r["spread"]["max"] == per_round[-1]
+        assert r["spread"]["median"] == pytest.approx(r["ratio"])
         assert r["ratio_of_medians"] == pytest.approx(r["seconds"]["eager"] / r["seconds"]["fused"])
         assert r["fused_over_floor"] == pytest.approx(r["seconds"]["fused"] / r["floor_seconds"])
         assert r["gflops"]["fused"] == pytest.approx(r["flops"] / r["seconds"]["fused"] / 1e9)
@@ -55,6 +57,34 @@ def test_quick_run_reports_every_case(quick_run, capsys):
             n, h = r["shape"]["n"], r["shape"]["h"]
             assert r["saved_bytes"]["fused"] >= 2 * n * h * 4
             assert r["saved_bytes"]["eager"] >= n * h * 4
+
+
+def test_spread_flags_rounds_that_disagree():
+    calm = bench.spread([2.0, 2.1, 1.9, 2.05])
+    assert (calm["min"], calm["max"], calm["noisy"]) == (1.9, 2.1, False)
+    assert calm["q1"] <= calm["median"] <= calm["q3"]
+    assert bench.spread([1.0, 3.0, 1.2, 2.8])["noisy"]  # a load change between rounds
+    assert bench.fmt_spread(bench.spread([1.0, 3.0, 1.2, 2.8])).endswith("noisy")
+
+
+def test_compiled_side_check_rejects_graph_breaks_recompiles_and_fallbacks():
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        counters["stats"]["unique_graphs"] = 2
+        counters["aot_autograd"].update(total=2, ok=2)
+        assert bench.check_compiled("case", 2)["graphs"] == 2
+        with pytest.raises(bench.VerificationError, match="1 graphs compiled during the timing"):
+            bench.check_compiled("case", 1)
+        counters["aot_autograd"]["total"] = 3
+        with pytest.raises(bench.VerificationError, match="AOTAutograd"):
+            bench.check_compiled("case", 2)
+        counters["aot_autograd"]["ok"] = 3
+        counters["graph_break"]["a reason"] = 1
+        with pytest.raises(bench.VerificationError, match="graph breaks"):
+            bench.check_compiled("case", 2)
+    finally:
+        counters.clear()
 
 
 def test_quick_run_writes_json_markdown_and_plot(quick_run):

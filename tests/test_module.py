@@ -154,3 +154,29 @@ def test_every_table_of_activations_covers_the_operators_list():
     assert set(SEQUENTIAL_ACTIVATIONS) == names
     for name in names:  # and the module table round-trips through from_sequential's lookup
         assert modules._activation_name(modules._MODULES[name]()) == name
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_parametrized_parameters_are_read_through_their_parametrization(name):
+    """forward reads the parameters from _parameters in place; a parametrized one is not
+    there, and must come through its parametrization (value and gradient)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    torch.manual_seed(0)
+    mlp = FusedMLP(5, 7, 3, activation="tanh", weight_decay=0.1).double()
+    parametrize.register_parametrization(mlp.fc2, name, Doubled())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w1, b1 = mlp.fc1.weight, mlp.fc1.bias
+    w2, b2 = mlp.fc2.weight, mlp.fc2.bias  # the parametrized values (one doubled)
+    o, s = mlp(x, return_penalty=True)
+    o_ref, s_ref = reference.fused_mlp(x, w1, w2, b1, b2, activation="tanh", weight_decay=0.1)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(s, s_ref)
+    original = mlp.fc2.parametrizations[name].original
+    (o.sum() + s).backward()
+    expected = torch.autograd.grad((o_ref.sum() + s_ref), original)[0]
+    torch.testing.assert_close(original.grad, expected)
