@@ -292,7 +292,8 @@ def fused_block(block: nn.Module, *, weight_decay: float = 0.0, save_hidden: boo
 
 
 def _is_gated_candidate(block: nn.Module) -> bool:
-    return len(_linear_children(block)) == 3
+    # A Sequential chains its children: it cannot multiply two of them.
+    return not isinstance(block, nn.Sequential) and len(_linear_children(block)) == 3
 
 
 def _plan_gated(block: nn.Module) -> Tuple[Tuple[str, str], str, str]:
