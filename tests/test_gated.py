@@ -280,3 +280,17 @@ def test_forward_mode_ad_is_rejected_clearly():
         x = fwAD.make_dual(inputs[0], torch.randn_like(inputs[0]))
         with pytest.raises(RuntimeError):
             mlp_ext.gated_mlp(x, *inputs[1:])
+
+
+def test_benchmark_script_runs_and_verifies():
+    """benchmarks/gated.py on a tiny shape: the sides agree and every ratio is reported."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gated.py")
+    spec = importlib.util.spec_from_file_location("gated_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--shapes", "3x8x12x8", "--rounds", "1", "--block-seconds", "0.01",
+                       "--out", "-"])
+    assert [r["mode"] for r in out["results"]] == ["train", "inference"]
+    assert all(r["compiled_graphs_seen"] and r["eager_over_fused"] > 0 for r in out["results"])
