@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "activation_ops.h"
 #include "loss.h"
 #include "ops.h"
 
@@ -78,20 +79,6 @@ bool requires_grad(const Tensor* const (&inputs)[N]) {
     }
   }
   return false;
-}
-
-Tensor activation_op(const Tensor& z, Activation act) {
-  switch (act) {
-    case Activation::Identity: return z;
-    case Activation::Relu: return at::relu(z);
-    case Activation::Sigmoid: return at::sigmoid(z);
-    case Activation::Tanh: return at::tanh(z);
-    case Activation::Gelu: return at::gelu(z, "none");
-    case Activation::GeluTanh: return at::gelu(z, "tanh");
-    case Activation::Silu: return at::silu(z);
-    case Activation::QuickGelu: return z * at::sigmoid(z * Act<Activation::QuickGelu>::kAlpha);
-  }
-  TORCH_INTERNAL_ASSERT(false, "unreachable");
 }
 
 // The dropout factor D = mask / (1 - p) (0 where dropped; 0 everywhere for p = 1)

@@ -180,7 +180,7 @@ void check_backward_inputs(
   }
 }
 
-namespace {
+// The helpers below are shared with the gated op (gated.cpp; declared in mlp.h).
 
 // out = beta * addend + op(a) op(b) (see DeviceKernels::matmul).
 void matmul(
@@ -191,7 +191,7 @@ void matmul(
     bool trans_a,
     const Tensor& b,
     bool trans_b,
-    double beta = 1.0) {
+    double beta) {
   if (kernels.matmul != nullptr) {
     kernels.matmul(out, addend, a, trans_a, b, trans_b, beta);
     return;
@@ -254,7 +254,6 @@ void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g) {
   }
 }
 
-}  // namespace
 
 ForwardResult fused_mlp_forward(
     const DeviceKernels& kernels,
@@ -324,8 +323,6 @@ InferenceResult fused_mlp_inference(
   return {std::get<0>(result), std::get<1>(result)};
 }
 
-namespace {
-
 // dW = G^T A + g_s * weight_decay * W: the decay term rides in the product's beta.
 void weight_gradient(
     const DeviceKernels& kernels,
@@ -350,7 +347,6 @@ void weight_gradient(
   }
 }
 
-}  // namespace
 
 BackwardResult fused_mlp_backward(
     const DeviceKernels& kernels,

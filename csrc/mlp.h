@@ -154,4 +154,18 @@ BackwardResult fused_mlp_backward(
     const std::optional<Tensor>& dropout_mask,  // the forward's mask; absent: no dropout
     double dropout);
 
+// Shared with the gated op (gated.cpp), defined in mlp.cpp.
+// out = beta * addend + op(a) op(b) by kernels.matmul (ATen's addmm / mm without one).
+void matmul(
+    const DeviceKernels& kernels, Tensor& out, const Tensor* addend, const Tensor& a,
+    bool trans_a, const Tensor& b, bool trans_b, double beta = 1.0);
+// out (width) = column sums of g (rows x width), by kernels.column_sums or ATen's sum.
+void column_sums(const DeviceKernels& kernels, Tensor& out, const Tensor& g);
+// dw = g^T a + g_s * weight_decay * w (grad_s absent: g_s = 0).
+void weight_gradient(
+    const DeviceKernels& kernels, Tensor& dw, const Tensor& g, const Tensor& a, const Tensor& w,
+    const std::optional<Tensor>& grad_s, double weight_decay);
+// at::empty, without the dispatcher on the CPU.
+Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 }  // namespace mlp_ext

@@ -98,6 +98,21 @@ const c10::TypedOperatorHandle<LossBackwardSignature>& loss_backward_op() {
   return op;
 }
 
+const c10::TypedOperatorHandle<GatedForwardSignature>& gated_forward_op() {
+  static const auto op = find_op<GatedForwardSignature>("mlp_ext::gated_mlp_forward");
+  return op;
+}
+
+const c10::TypedOperatorHandle<GatedInferenceSignature>& gated_inference_op() {
+  static const auto op = find_op<GatedInferenceSignature>("mlp_ext::gated_mlp_inference");
+  return op;
+}
+
+const c10::TypedOperatorHandle<GatedBackwardSignature>& gated_backward_op() {
+  static const auto op = find_op<GatedBackwardSignature>("mlp_ext::gated_mlp_backward");
+  return op;
+}
+
 TORCH_LIBRARY(mlp_ext, m) {
   // The ops that may draw a dropout mask from the device's generator are tagged
   // nondeterministic_seeded, so that graph passes neither merge two calls nor
@@ -143,6 +158,24 @@ TORCH_LIBRARY(mlp_ext, m) {
       "Tensor w1, Tensor w2, Tensor z, Tensor? h, str activation, float weight_decay, "
       "bool[5] output_mask, Tensor? dropout_mask=None, float dropout=0.0) -> "
       "(Tensor dx, Tensor dw1, Tensor dw2, Tensor db1, Tensor db2)");
+  // The gated feed-forward block (SwiGLU / GeGLU / ReGLU / GLU; csrc/gated.h):
+  // the public op, and what its autograd node calls. z = [Z_g | Z_u] (n x 2h).
+  m.def(
+      "gated_mlp(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate=None, "
+      "Tensor? b_up=None, Tensor? b_down=None, *, str activation=\"silu\", "
+      "float weight_decay=0.0, bool save_hidden=True) -> (Tensor o, Tensor s)");
+  m.def(
+      "gated_mlp_forward(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate, "
+      "Tensor? b_up, Tensor? b_down, str activation, float weight_decay) -> "
+      "(Tensor o, Tensor s, Tensor z, Tensor h)");
+  m.def(
+      "gated_mlp_inference(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate, "
+      "Tensor? b_up, Tensor? b_down, str activation, float weight_decay) -> (Tensor o, Tensor s)");
+  m.def(
+      "gated_mlp_backward(Tensor grad_o, Tensor? grad_s, Tensor x, Tensor w_gate, Tensor w_up, "
+      "Tensor w_down, Tensor z, Tensor? h, str activation, float weight_decay, "
+      "bool[7] output_mask) -> (Tensor dx, Tensor dw_gate, Tensor dw_up, Tensor dw_down, "
+      "Tensor db_gate, Tensor db_up, Tensor db_down)");
   // Diagnostics (no tensors: one kernel for every device).
   m.def("_activation_names() -> str[]", TORCH_FN(activation_names));
   m.def(

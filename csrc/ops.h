@@ -5,6 +5,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "gated.h"
 #include "mlp.h"
 
 namespace mlp_ext {
@@ -34,11 +35,26 @@ using LossBackwardSignature = BackwardResult(
     const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
     double, std::array<bool, 5>, const std::optional<Tensor>&, double);
 
+// The gated ops (gated.h).
+using GatedForwardSignature = GatedForwardResult(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, c10::string_view, double);
+using GatedInferenceSignature = InferenceResult(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, c10::string_view, double);
+using GatedBackwardSignature = GatedBackwardResult(
+    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view, double,
+    std::array<bool, 7>);
+
 const c10::TypedOperatorHandle<FusedMLPSignature>& fused_mlp_op();
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op();
 const c10::TypedOperatorHandle<InferenceSignature>& inference_op();
 const c10::TypedOperatorHandle<BackwardSignature>& backward_op();
 const c10::TypedOperatorHandle<LossForwardSignature>& loss_forward_op();
 const c10::TypedOperatorHandle<LossBackwardSignature>& loss_backward_op();
+const c10::TypedOperatorHandle<GatedForwardSignature>& gated_forward_op();
+const c10::TypedOperatorHandle<GatedInferenceSignature>& gated_inference_op();
+const c10::TypedOperatorHandle<GatedBackwardSignature>& gated_backward_op();
 
 }  // namespace mlp_ext

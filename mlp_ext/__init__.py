@@ -22,14 +22,15 @@ from . import activations, reference
 from .activations import ACTIVATIONS, resolve_activation
 from .functional import fused_mlp
 from .fuse import FuseReport, NotFusable, fuse, fused_block
+from .gated import GatedFusedMLP, gated_mlp
 from .loss import fused_mlp_loss
 from .memory import MemoryFootprint, memory_footprint
 from .modules import FusedMLP
 from .penalty import collect_penalty, forward_with_penalty
 
-__all__ = ["ACTIVATIONS", "FuseReport", "FusedMLP", "MemoryFootprint", "NotFusable", "activations",
+__all__ = ["ACTIVATIONS", "FuseReport", "FusedMLP", "GatedFusedMLP", "MemoryFootprint", "NotFusable", "activations",
            "build_info", "collect_penalty", "forward_with_penalty", "fuse", "fused_block", "fused_mlp",
-           "fused_mlp_loss", "memory_footprint", "reference", "resolve_activation"]
+           "fused_mlp_loss", "gated_mlp", "memory_footprint", "reference", "resolve_activation"]
 
 
 def __getattr__(name):

@@ -254,3 +254,117 @@ def _prod(sizes):
     for size in sizes:
         n *= size
     return n
+
+
+# The gated ops (csrc/gated.cpp).
+def check_gated_forward_inputs(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
+                               weight_decay):
+    """csrc/gated.cpp: parse_activation, then check_gated_forward_inputs."""
+    _check_activation(activation)
+    op = "gated_mlp"
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"{op}: expected weight_decay to be a finite number >= 0, but got "
+                         f"{_number(weight_decay)}")
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: expected x of shape (*, in_features) with at least 1 "
+                           "dimension, but got a 0-dim tensor")
+    # Every device's kernels take float32, float64 and the half types.
+    if x.dtype not in _FLOATING + _REDUCED:
+        raise TypeError(f"{op}: expected x of a floating dtype (float32, float64, float16 or "
+                        f"bfloat16), but got {_name(x.dtype)}")
+    if w_gate.dim() != 2:
+        raise RuntimeError(f"{op}: expected w_gate of shape (hidden_features, in_features), but "
+                           f"got w_gate.shape = {_sizes(w_gate)}")
+    if w_up.shape != w_gate.shape:
+        raise RuntimeError(f"{op}: expected w_up of the shape of w_gate {_sizes(w_gate)} "
+                           f"(hidden_features, in_features), but got w_up.shape = {_sizes(w_up)}")
+    if w_down.dim() != 2:
+        raise RuntimeError(f"{op}: expected w_down of shape (out_features, hidden_features), but "
+                           f"got w_down.shape = {_sizes(w_down)}")
+    if x.shape[-1] != w_gate.shape[1]:
+        raise RuntimeError(f"{op}: x.shape[-1] = {x.shape[-1]} does not match in_features = "
+                           f"w_gate.shape[1] = {w_gate.shape[1]} (x.shape = {_sizes(x)}, "
+                           f"w_gate.shape = {_sizes(w_gate)})")
+    if w_down.shape[1] != w_gate.shape[0]:
+        raise RuntimeError(f"{op}: w_down.shape[1] = {w_down.shape[1]} does not match "
+                           f"hidden_features = w_gate.shape[0] = {w_gate.shape[0]} (w_gate.shape = "
+                           f"{_sizes(w_gate)}, w_down.shape = {_sizes(w_down)})")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        _check_like(op, name, w, x, "x")
+    for name, b, size, what in (("b_gate", b_gate, w_gate.shape[0], "hidden_features"),
+                                ("b_up", b_up, w_gate.shape[0], "hidden_features"),
+                                ("b_down", b_down, w_down.shape[0], "out_features")):
+        if b is None:
+            continue
+        if b.dim() != 1 or b.shape[0] != size:
+            raise RuntimeError(f"{op}: expected {name} of shape ({what},) = [{size}], but got "
+                               f"{name}.shape = {_sizes(b)}")
+        _check_like(op, name, b, x, "x")
+
+
+def check_gated_backward_inputs(grad_o, grad_s, x, w_gate, w_up, w_down, z, h, activation):
+    """csrc/gated.cpp: parse_activation, then check_gated_backward_inputs."""
+    _check_activation(activation)
+    op = "gated_mlp_backward"
+    if not (w_gate.dim() == 2 and w_up.shape == w_gate.shape and w_down.dim() == 2
+            and w_down.shape[1] == w_gate.shape[0]):
+        raise RuntimeError(f"{op}: expected w_gate and w_up of shape (hidden_features, in_features) "
+                           f"and w_down of shape (out_features, hidden_features), but got "
+                           f"w_gate.shape = {_sizes(w_gate)}, w_up.shape = {_sizes(w_up)}, "
+                           f"w_down.shape = {_sizes(w_down)}")
+    d, hidden, q = w_gate.shape[1], w_gate.shape[0], w_down.shape[0]
+    if not (z.dim() == 2 and z.shape[1] == 2 * hidden):
+        raise RuntimeError(f"{op}: expected z of shape (batch, 2 * hidden_features = "
+                           f"{2 * hidden}), but got z.shape = {_sizes(z)}")
+    n = z.shape[0]
+    if h is not None and not (h.dim() == 2 and h.shape[0] == n and h.shape[1] == hidden):
+        raise RuntimeError(f"{op}: expected h of shape [{n}, {hidden}], but got h.shape = "
+                           f"{_sizes(h)}")
+    if not (x.dim() >= 1 and x.shape[-1] == d and x.numel() == n * d):
+        raise RuntimeError(f"{op}: expected x of {n} rows of in_features = {d}, but got x.shape = "
+                           f"{_sizes(x)}")
+    if grad_o.numel() != n * q:
+        raise RuntimeError(f"{op}: expected grad_o with {n} x {q} elements, but got grad_o.shape = "
+                           f"{_sizes(grad_o)}")
+    if grad_s is not None and grad_s.numel() != 1:
+        raise RuntimeError(f"{op}: expected grad_s with one element, but got grad_s.shape = "
+                           f"{_sizes(grad_s)}")
+    for name, t in (("grad_o", grad_o), ("x", x), ("w_gate", w_gate), ("w_up", w_up),
+                    ("w_down", w_down), ("h", h)):
+        if t is not None:
+            _check_like(op, name, t, z, "z")
+
+
+@torch.library.register_fake("mlp_ext::gated_mlp_forward")
+def _gated_mlp_forward_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
+                            weight_decay):
+    check_gated_forward_inputs(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
+                               weight_decay)
+    n, hidden = _prod(x.shape[:-1]), w_gate.shape[0]
+    return (x.new_empty((*x.shape[:-1], w_down.shape[0])), x.new_empty(()),
+            x.new_empty((n, 2 * hidden)), x.new_empty((n, hidden)))
+
+
+@torch.library.register_fake("mlp_ext::gated_mlp_inference")
+def _gated_mlp_inference_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
+                              weight_decay):
+    o, s, _, _ = _gated_mlp_forward_fake(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                                         activation, weight_decay)
+    return o, s
+
+
+@torch.library.register_fake("mlp_ext::gated_mlp_backward")
+def _gated_mlp_backward_fake(grad_o, grad_s, x, w_gate, w_up, w_down, z, h, activation,
+                             weight_decay, output_mask):
+    check_gated_backward_inputs(grad_o, grad_s, x, w_gate, w_up, w_down, z, h, activation)
+    need = output_mask
+    hidden, q = w_gate.shape[0], w_down.shape[0]
+    return (
+        x.new_empty(x.shape) if need[0] else None,
+        w_gate.new_empty(w_gate.shape) if need[1] else None,
+        w_up.new_empty(w_up.shape) if need[2] else None,
+        w_down.new_empty(w_down.shape) if need[3] else None,
+        w_gate.new_empty((hidden,)) if need[4] else None,
+        w_gate.new_empty((hidden,)) if need[5] else None,
+        w_down.new_empty((q,)) if need[6] else None,
+    )

@@ -35,9 +35,17 @@ activation module itself holds no state and goes.
 
 Not replaced (reported): a Linear-activation-Linear run inside a longer
 ``nn.Sequential`` (replacing it would renumber the keys of what follows), blocks
-whose forward does more than the composition (a residual, a scale, a gate such as
-LLaMA's SwiGLU MLP, which has three Linears), the root module itself (use
-``mlp_ext.fused_block(block)``, which proves and converts one block).
+whose forward does more than the composition (a residual, a scale), the root
+module itself (use ``mlp_ext.fused_block(block)``, which proves and
+converts one block).
+
+Gated blocks (transformers' LlamaMLP, MistralMLP, Qwen2MLP, GemmaMLP,
+T5DenseGatedActDense; timm's SwiGLU): a module whose direct children are exactly
+three ``nn.Linear``, two of one shape (gate and up) feeding the third (down), one
+activation and otherwise no-ops, under the same rules 1-2, is proven by the same
+probe against ``mlp_ext.gated_mlp`` -- which of the two is the gate is whichever
+order the probe confirms -- and replaced by ``GatedFusedMLP.from_linears`` under
+the block's own names (``fused_gated_block`` converts one block).
 """
 import dataclasses
 import math
@@ -48,6 +56,8 @@ from torch import Tensor, nn
 
 from .activations import resolve_activation
 from .functional import check_options, fused_mlp
+from .gated import gated_mlp
+from .gated import GatedFusedMLP
 from .modules import FusedMLP
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -64,7 +74,7 @@ class Replaced:
     name: str             # qualified name in the model
     block: str            # the class of the replaced module
     activation: str       # canonical name
-    linears: Tuple[str, str]
+    linears: Tuple[str, ...]   # (fc1, fc2), or (gate, up, down) for a gated block
     shape: Tuple[int, int, int]   # (in, hidden, out)
 
 
@@ -84,8 +94,12 @@ class FuseReport:
         lines = [f"mlp_ext.fuse: {len(self.replaced)} block(s) replaced, "
                  f"{len(self.skipped)} skipped"]
         for r in self.replaced:
-            lines.append(f"  replaced {r.name} ({r.block}): {r.linears[0]} -> {r.activation} -> "
-                         f"{r.linears[1]}, {r.shape[0]}x{r.shape[1]}x{r.shape[2]}")
+            if len(r.linears) == 3:   # a gated block: gate, up, down
+                what = f"{r.linears[2]}({r.activation}({r.linears[0]}) * {r.linears[1]})"
+            else:
+                what = f"{r.linears[0]} -> {r.activation} -> {r.linears[1]}"
+            lines.append(f"  replaced {r.name} ({r.block}): {what}, "
+                         f"{r.shape[0]}x{r.shape[1]}x{r.shape[2]}")
         for s in self.skipped:
             lines.append(f"  skipped  {s.name} ({s.block}): {s.reason}")
         return "\n".join(lines)
@@ -123,6 +137,21 @@ def _plan(block: nn.Module) -> Tuple[str, str, str]:
     linears = _linear_children(block)
     if len(linears) != 2:
         raise NotFusable(f"has {len(linears)} Linear children, not 2")
+    activation = _plan_structure(block, linears)
+    (n1, l1), (n2, l2) = linears
+    chains = [(a, b) for (a, la), (b, lb) in ((linears[0], linears[1]), (linears[1], linears[0]))
+              if la.out_features == lb.in_features]
+    if not chains:
+        raise NotFusable(f"the Linears do not chain ({n1}: {l1.in_features}->{l1.out_features}, "
+                         f"{n2}: {l2.in_features}->{l2.out_features})")
+    first, second = chains[0]   # both chain (square): registration order
+    _check_linear_weights([l for _, l in linears])
+    return first, activation, second
+
+
+def _plan_structure(block: nn.Module, linears: List[Tuple[str, nn.Linear]]) -> str:
+    """The checks of rule 1 and 2 that do not depend on how the Linears connect;
+    returns the activation (canonical name)."""
     others = [(n, c) for n, c in block.named_children() if not isinstance(c, nn.Linear)]
     stateful = [n for n, c in others if _has_state(c)]
     if stateful:
@@ -167,24 +196,22 @@ def _plan(block: nn.Module) -> Tuple[str, str, str]:
         if len(names) > 1:
             raise NotFusable(f"has more than one activation ({', '.join(names)})")
         activations = [(n, a) for n, a in activations if a != "identity"]
-    activation = activations[0][1] if activations else "identity"
-    (n1, l1), (n2, l2) = linears
-    chains = [(a, b) for (a, la), (b, lb) in ((linears[0], linears[1]), (linears[1], linears[0]))
-              if la.out_features == lb.in_features]
-    if not chains:
-        raise NotFusable(f"the Linears do not chain ({n1}: {l1.in_features}->{l1.out_features}, "
-                         f"{n2}: {l2.in_features}->{l2.out_features})")
-    first, second = chains[0]   # both chain (square): registration order
-    fc1, fc2 = dict(linears)[first], dict(linears)[second]
-    if (fc1.bias is None) != (fc2.bias is None):
-        raise NotFusable("one Linear has a bias and the other not")
-    if fc1.weight.dtype != fc2.weight.dtype or fc1.weight.device != fc2.weight.device:
+    return activations[0][1] if activations else "identity"
+
+
+def _check_linear_weights(layers: List[nn.Linear], same_bias: bool = True) -> None:
+    """All with a bias or none (where same_bias; the gated op takes each bias or
+    None); one dtype and device the operator takes."""
+    fc1 = layers[0]
+    if same_bias and len({layer.bias is None for layer in layers}) != 1:
+        raise NotFusable("one Linear has a bias and another not")
+    if any(layer.weight.dtype != fc1.weight.dtype or layer.weight.device != fc1.weight.device
+           for layer in layers):
         raise NotFusable("the Linears differ in dtype or device")
     if fc1.weight.device.type == "meta":
         raise NotFusable("its parameters are on the meta device")
     if not fc1.weight.is_floating_point():
         raise NotFusable(f"its weights are {fc1.weight.dtype}")
-    return first, activation, second
 
 
 def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
@@ -192,7 +219,7 @@ def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
     eval mode) against fused_mlp; NotFusable when they differ."""
     fc1, fc2 = block._modules[first], block._modules[second]
     device = fc1.weight.device
-    generator = torch.Generator().manual_seed(0x5EED)
+    generator = _probe_generator()
 
     def random(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device)
@@ -211,6 +238,18 @@ def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
                                 activation=activation)
     except Exception as e:   # e.g. no float64 on this device
         raise NotFusable(f"the float64 probe cannot run on {device} ({type(e).__name__}: {e})") from None
+    _probe(block, params, x, expected, f"{second}({activation}({first}(x)))")
+
+
+def _probe_generator():
+    return torch.Generator().manual_seed(0x5EED)
+
+
+def _probe(block: nn.Module, params: Dict[str, Tensor], x: Tensor, expected: Tensor,
+           description: str) -> None:
+    """Run block's own forward with params (train and eval mode, no grad, the
+    global RNG untouched) on x; NotFusable unless it matches expected to _PROBE_RTOL."""
+    device = x.device
     # fork_rng restores the global CPU generator and, on CUDA, this device's.
     rng_devices = [] if device.type != "cuda" else [
         device.index if device.index is not None else torch.cuda.current_device()]
@@ -230,7 +269,7 @@ def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
                     raise NotFusable(f"its forward returns {out.dtype} for float64 input")
                 error = float(((out - expected).abs() / (1 + expected.abs())).max())
                 if not error <= _PROBE_RTOL:
-                    raise NotFusable(f"its forward differs from {second}({activation}({first}(x))) on "
+                    raise NotFusable(f"its forward differs from {description} on "
                                      f"the probe by {error:.3g} ({'train' if mode else 'eval'} mode)")
     finally:
         block.train(was_training)
@@ -244,6 +283,79 @@ def fused_block(block: nn.Module, *, weight_decay: float = 0.0, save_hidden: boo
     fc1, fc2 = block._modules[first], block._modules[second]
     fused = FusedMLP.from_linears(fc1, fc2, activation, weight_decay=weight_decay,
                                   save_hidden=save_hidden, names=(first, second))
+    fused.train(block.training)
+    return fused
+
+
+def _is_gated_candidate(block: nn.Module) -> bool:
+    # A Sequential chains its children: it cannot multiply two of them.
+    return not isinstance(block, nn.Sequential) and len(_linear_children(block)) == 3
+
+
+def _plan_gated(block: nn.Module) -> Tuple[Tuple[str, str], str, str]:
+    """((the two Linears of the hidden layer), activation, down) of a block with
+    three Linear children, or NotFusable. Which of the two is the gate is left to
+    the probe (_verify_gated): the shapes cannot tell."""
+    linears = _linear_children(block)
+    activation = _plan_structure(block, linears)
+    for i, (down, layer) in enumerate(linears):
+        pair = [(n, l) for j, (n, l) in enumerate(linears) if j != i]
+        (na, la), (nb, lb) = pair
+        if (la.weight.shape == lb.weight.shape and layer.in_features == la.out_features):
+            _check_linear_weights([la, lb, layer], same_bias=False)
+            return (na, nb), activation, down
+    shapes = ", ".join(f"{n}: {l.in_features}->{l.out_features}" for n, l in linears)
+    raise NotFusable(f"its three Linears are not a gated block's (two of one shape feeding the "
+                     f"third: {shapes})")
+
+
+def _verify_gated(block: nn.Module, pair: Tuple[str, str], activation: str,
+                  down: str) -> Tuple[str, str]:
+    """(gate, up): the order of pair for which the block's own forward matches
+    gated_mlp on the random float64 probe (train and eval mode); NotFusable if neither."""
+    layer = block._modules[down]
+    device = layer.weight.device
+    generator = _probe_generator()
+
+    def random(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device)
+
+    d, h, q = block._modules[pair[0]].in_features, layer.in_features, layer.out_features
+    try:
+        params = {f"{pair[0]}.weight": random(h, d, scale=d ** -0.5),
+                  f"{pair[1]}.weight": random(h, d, scale=d ** -0.5),
+                  f"{down}.weight": random(q, h, scale=h ** -0.5)}
+        for name, size in ((pair[0], h), (pair[1], h), (down, q)):
+            if block._modules[name].bias is not None:
+                params[f"{name}.bias"] = random(size)
+        x = random(2, 3, d, scale=2.0)
+    except Exception as e:
+        raise NotFusable(f"the float64 probe cannot run on {device} ({type(e).__name__}: {e})") from None
+    failures = []
+    for gate, up in (pair, pair[::-1]):
+        expected, _ = gated_mlp(x, params[f"{gate}.weight"], params[f"{up}.weight"],
+                                params[f"{down}.weight"], params.get(f"{gate}.bias"),
+                                params.get(f"{up}.bias"), params.get(f"{down}.bias"),
+                                activation=activation)
+        try:
+            _probe(block, params, x, expected, f"{down}({activation}({gate}(x)) * {up}(x))")
+        except NotFusable as e:
+            failures.append(str(e))
+        else:
+            return gate, up
+    raise NotFusable(" and ".join(dict.fromkeys(failures)))
+
+
+def fused_gated_block(block: nn.Module, *, weight_decay: float = 0.0,
+                      save_hidden: bool = True) -> GatedFusedMLP:
+    """The GatedFusedMLP equivalent to ``block`` (a LlamaMLP-like module: three
+    Linears, down(phi(gate(x)) * up(x))), sharing its Linear modules under their
+    names, proven as ``fuse`` proves it; NotFusable (a ValueError) says why not."""
+    pair, activation, down = _plan_gated(block)
+    gate, up = _verify_gated(block, pair, activation, down)
+    fused = GatedFusedMLP.from_linears(
+        block._modules[gate], block._modules[up], block._modules[down], activation,
+        weight_decay=weight_decay, save_hidden=save_hidden, names=(gate, up, down))
     fused.train(block.training)
     return fused
 
@@ -273,7 +385,7 @@ def fuse(model: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = Tru
     if not math.isfinite(weight_decay) or weight_decay < 0:
         raise ValueError(f"fuse: expected weight_decay to be a finite number >= 0, but got {weight_decay}")
     report = FuseReport()
-    done: Dict[int, FusedMLP] = {}   # a block shared by several parents is fused once
+    done: Dict[int, nn.Module] = {}   # a block shared by several parents is fused once
     seen = set()
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -284,10 +396,23 @@ def fuse(model: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = Tru
             if id(child) in done:
                 parent._modules[name] = done[id(child)]
                 continue
-            if isinstance(child, FusedMLP) or id(child) in seen:
+            if isinstance(child, (FusedMLP, GatedFusedMLP)) or id(child) in seen:
                 continue
             seen.add(id(child))
-            if _is_candidate(child):
+            if _is_gated_candidate(child):
+                try:
+                    fused = fused_gated_block(child, weight_decay=weight_decay,
+                                              save_hidden=save_hidden)
+                except NotFusable as e:
+                    report.skipped.append(Skipped(qualified, type(child).__name__, str(e)))
+                else:
+                    parent._modules[name] = fused
+                    done[id(child)] = fused
+                    report.replaced.append(Replaced(
+                        qualified, type(child).__name__, fused.activation, fused._linear_names,
+                        (fused.in_features, fused.hidden_features, fused.out_features)))
+                    continue
+            elif _is_candidate(child):
                 try:
                     fused = fused_block(child, weight_decay=weight_decay, save_hidden=save_hidden)
                 except NotFusable as e:
@@ -305,8 +430,9 @@ def fuse(model: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = Tru
                     "nn.Sequential: replacing it would renumber the state_dict keys after it"))
             visit(child, qualified + ".")
 
-    if _is_candidate(model):
+    if _is_candidate(model) or _is_gated_candidate(model):
+        use = "fuse.fused_gated_block" if _is_gated_candidate(model) else "fused_block"
         report.skipped.append(Skipped("", type(model).__name__, "the root module cannot be replaced "
-                                      "in place; use mlp_ext.fused_block(model)"))
+                                      f"in place; use mlp_ext.{use}(model)"))
     visit(model, "")
     return report

@@ -152,3 +152,86 @@ def fused_mlp_backward(
     db1 = G_Z.sum(0)
     dX = (G_Z @ w1).reshape(x.shape)
     return Gradients(dX, dW1, dW2, db1, db2)
+
+
+# The gated feed-forward block (mlp_ext.gated_mlp).
+def gated_mlp(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    b_gate: Optional[Tensor] = None,
+    b_up: Optional[Tensor] = None,
+    b_down: Optional[Tensor] = None,
+    *,
+    activation: str = "silu",
+    weight_decay: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
+    """o = (phi(x w_gate^T + b_gate) (.) (x w_up^T + b_up)) w_down^T + b_down and
+    s = weight_decay/2 (||w_gate||^2 + ||w_up||^2 + ||w_down||^2), from torch ops."""
+    z_gate, z_up = x @ w_gate.T, x @ w_up.T
+    if b_gate is not None:
+        z_gate = z_gate + b_gate
+    if b_up is not None:
+        z_up = z_up + b_up
+    o = (phi(activation)(z_gate) * z_up) @ w_down.T
+    if b_down is not None:
+        o = o + b_down
+    s = weight_decay / 2 * (w_gate.square().sum() + w_up.square().sum() + w_down.square().sum())
+    return o, s
+
+
+class GatedGradients(NamedTuple):
+    x: Tensor
+    w_gate: Tensor
+    w_up: Tensor
+    w_down: Tensor
+    b_gate: Tensor
+    b_up: Tensor
+    b_down: Tensor
+
+
+def gated_mlp_backward(
+    grad_o: Tensor,
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    b_gate: Optional[Tensor] = None,
+    b_up: Optional[Tensor] = None,
+    *,
+    activation: str = "silu",
+    weight_decay: float = 0.0,
+    grad_s: Union[float, Tensor] = 1.0,
+) -> GatedGradients:
+    """Every gradient of J = <grad_o, o> + grad_s * s, by the gated block's equations:
+
+        Z_g = X W_g^T + b_g,  Z_u = X W_u^T + b_u,  H = phi(Z_g) (.) Z_u
+        G_H  = G_O W_2
+        G_Zg = G_H (.) Z_u (.) phi'(Z_g)      G_Zu = G_H (.) phi(Z_g)
+        dW_g = G_Zg^T X + g_s lambda W_g      dW_u = G_Zu^T X + g_s lambda W_u
+        dW_2 = G_O^T H + g_s lambda W_2       dX   = G_Zg W_g + G_Zu W_u
+        db_g = sum_rows G_Zg, db_u = sum_rows G_Zu, db_2 = sum_rows G_O
+    """
+    d, q = w_gate.shape[1], w_down.shape[0]
+    X = x.reshape(-1, d)
+    G_O = grad_o.reshape(-1, q)
+    Z_g, Z_u = X @ w_gate.T, X @ w_up.T
+    if b_gate is not None:
+        Z_g = Z_g + b_gate
+    if b_up is not None:
+        Z_u = Z_u + b_up
+    phi_g = phi(activation)(Z_g)
+    H = phi_g * Z_u
+    G_H = G_O @ w_down
+    G_Zg = G_H * Z_u * _PHI_DERIVATIVE[activation](Z_g)
+    G_Zu = G_H * phi_g
+    return GatedGradients(
+        x=(G_Zg @ w_gate + G_Zu @ w_up).reshape(x.shape),
+        w_gate=G_Zg.T @ X + grad_s * weight_decay * w_gate,
+        w_up=G_Zu.T @ X + grad_s * weight_decay * w_up,
+        w_down=G_O.T @ H + grad_s * weight_decay * w_down,
+        b_gate=G_Zg.sum(0),
+        b_up=G_Zu.sum(0),
+        b_down=G_O.sum(0),
+    )

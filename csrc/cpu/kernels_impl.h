@@ -428,3 +428,6 @@ const IsaKernels kTable{bias_activation, activation_backward, column_sums, sum_o
 
 }  // namespace CPU_CAPABILITY
 }  // namespace mlp_ext
+
+// The gated op's kernels, built for the same instruction set (gated_kernels.h).
+#include "gated_kernels_impl.h"

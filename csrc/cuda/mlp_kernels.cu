@@ -15,6 +15,8 @@
 // and so every result bit -- is the same on the vector and the scalar path.
 #include "mlp_kernels.cuh"
 
+#include "convert.cuh"
+
 #include "philox.cuh"
 
 #include <algorithm>
@@ -39,28 +41,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ bool is_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kAlignment == 0;
 }
-
-// Element type <-> compute/accumulate type. The half types convert with the
-// intrinsics because torch's flags (-D__CUDA_NO_HALF_CONVERSIONS__ ...) remove
-// their implicit conversions.
-template <typename T>
-struct Convert {
-  __device__ static acc_t<T> to_acc(T x) { return x; }
-  __device__ static T from_acc(acc_t<T> x) { return x; }
-  __device__ static T from_double(double x) { return static_cast<T>(x); }
-};
-template <>
-struct Convert<__half> {
-  __device__ static float to_acc(__half x) { return __half2float(x); }
-  __device__ static __half from_acc(float x) { return __float2half_rn(x); }
-  __device__ static __half from_double(double x) { return __double2half(x); }
-};
-template <>
-struct Convert<__nv_bfloat16> {
-  __device__ static float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
-  __device__ static __nv_bfloat16 from_double(double x) { return __double2bfloat16(x); }
-};
 
 // Products rounded on their own: nvcc would otherwise fuse a product and a
 // following sum into one FMA where it can, so that db1 would not be the sum of
