@@ -33,8 +33,8 @@ def present(inputs):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_matches_reference(activation, bias, weight_decay):
-    inputs = make_gated(batch_shape=(2, 3), d=5, h=7, q=4, bias=bias)
+def test_forward_matches_reference(device, activation, bias, weight_decay):
+    inputs = make_gated(batch_shape=(2, 3), d=5, h=7, q=4, bias=bias, device=device)
     o, s = mlp_ext.gated_mlp(*inputs, activation=activation, weight_decay=weight_decay)
     o_ref, s_ref = reference.gated_mlp(*inputs, activation=activation, weight_decay=weight_decay)
     assert o.shape == (2, 3, 4) and o.is_contiguous()
@@ -45,12 +45,12 @@ def test_forward_matches_reference(activation, bias, weight_decay):
 @pytest.mark.parametrize("save_hidden", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients_match_both_references(activation, bias, weight_decay, save_hidden):
+def test_gradients_match_both_references(device, activation, bias, weight_decay, save_hidden):
     """Every gradient of J = <G_O, o> + g_s s against the hand-applied equations
     (reference.gated_mlp_backward) and against autograd through reference.gated_mlp."""
-    inputs = make_gated(batch_shape=(2, 4), d=5, h=9, q=3, bias=bias)
-    grad_o = torch.randn(2, 4, 3, dtype=torch.float64)
-    grad_s = torch.randn((), dtype=torch.float64)
+    inputs = make_gated(batch_shape=(2, 4), d=5, h=9, q=3, bias=bias, device=device)
+    grad_o = torch.randn(2, 4, 3, dtype=torch.float64, device=device)
+    grad_s = torch.randn((), dtype=torch.float64, device=device)
     o, s = mlp_ext.gated_mlp(*inputs, activation=activation, weight_decay=weight_decay,
                              save_hidden=save_hidden)
     got = torch.autograd.grad((o, s), present(inputs), (grad_o, grad_s))
@@ -64,8 +64,8 @@ def test_gradients_match_both_references(activation, bias, weight_decay, save_hi
         torch.testing.assert_close(g, auto, rtol=1e-10, atol=1e-10)
 
 
-def test_save_hidden_false_gives_the_same_gradients_bit_for_bit(activation):
-    inputs = make_gated(n=7, d=5, h=11, q=4)
+def test_save_hidden_false_gives_the_same_gradients_bit_for_bit(device, activation):
+    inputs = make_gated(n=7, d=5, h=11, q=4, device=device)
     results = []
     for save_hidden in (True, False):
         o, s = mlp_ext.gated_mlp(*inputs, activation=activation, weight_decay=0.1,
@@ -77,8 +77,8 @@ def test_save_hidden_false_gives_the_same_gradients_bit_for_bit(activation):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck(activation, bias, weight_decay):
-    inputs = make_gated(n=4, d=3, h=5, q=2, bias=bias)
+def test_gradcheck(device, activation, bias, weight_decay):
+    inputs = make_gated(n=4, d=3, h=5, q=2, bias=bias, device=device)
 
     def f(*args):
         return mlp_ext.gated_mlp(*args, activation=activation, weight_decay=weight_decay)
@@ -89,9 +89,9 @@ def test_gradcheck(activation, bias, weight_decay):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradgradcheck(activation, bias, weight_decay):
+def test_gradgradcheck(device, activation, bias, weight_decay):
     """Exact second derivatives (the create_graph path) for every activation as the gate."""
-    inputs = make_gated(n=3, d=3, h=4, q=2, bias=bias)
+    inputs = make_gated(n=3, d=3, h=4, q=2, bias=bias, device=device)
 
     def f(*args):
         return mlp_ext.gated_mlp(*args, activation=activation, weight_decay=weight_decay)
@@ -114,14 +114,14 @@ def test_second_derivatives_match_the_reference():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_float32_against_float64_reference(activation, bias):
+def test_float32_against_float64_reference(device, activation, bias):
     """float32 against the float64 reference, weights scaled as nn.Linear's (z of
     order 1). Every value is a sum of at most k = 64 products (or 33 rows), whose
     float32 rounding error is at most about k u (u = 6e-8) times the sum of the
     terms' magnitudes; 2e-5 times the largest magnitude of the result covers that
     with a margin of ~5 for phi's own few ulps, and would still catch a wrong term."""
     n, d, h, q = 33, 40, 64, 24
-    inputs64 = list(make_gated(n=n, d=d, h=h, q=q, bias=bias, requires_grad=False))
+    inputs64 = list(make_gated(n=n, d=d, h=h, q=q, bias=bias, device=device, requires_grad=False))
     inputs64[1:3] = [w * d ** -0.5 for w in inputs64[1:3]]
     inputs64[3] = inputs64[3] * h ** -0.5
     inputs32 = [t.float().requires_grad_() if t is not None else None for t in inputs64]
