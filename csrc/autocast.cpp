@@ -2,7 +2,7 @@
 // (registered for AutocastCPU and AutocastCUDA below), following what autocast
 // does to nn.Linear and to torch's losses on that device:
 //
-// - fused_mlp is treated like aten::linear (a "lower_precision_fp" op on CPU
+// - fused_mlp (and gated_mlp, three linears) is treated like aten::linear (a "lower_precision_fp" op on CPU
 //   and CUDA): its floating inputs on the autocast device, other than float64,
 //   are cast to the device's autocast dtype (at::autocast::get_autocast_dtype;
 //   bfloat16 by default on CPU, float16 on CUDA), then the op runs below
@@ -44,6 +44,17 @@ const c10::TypedOperatorHandle<FusedMLPLossSignature>& fused_mlp_loss_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mlp_ext::fused_mlp_loss", "")
                              .typed<FusedMLPLossSignature>();
+  return op;
+}
+
+using GatedMLPSignature = std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, c10::string_view, double, bool);
+
+const c10::TypedOperatorHandle<GatedMLPSignature>& gated_mlp_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlp_ext::gated_mlp", "")
+                             .typed<GatedMLPSignature>();
   return op;
 }
 
@@ -132,16 +143,40 @@ std::tuple<Tensor, Tensor> fused_mlp_loss_autocast(
   return {objective, o};
 }
 
+// The gated block's three products are linears too: cast as fused_mlp.
+template <c10::DeviceType device>
+std::tuple<Tensor, Tensor> gated_mlp_autocast(
+    const Tensor& x,
+    const Tensor& w_gate,
+    const Tensor& w_up,
+    const Tensor& w_down,
+    const std::optional<Tensor>& b_gate,
+    const std::optional<Tensor>& b_up,
+    const std::optional<Tensor>& b_down,
+    c10::string_view activation,
+    double weight_decay,
+    bool save_hidden) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key(device));
+  const std::optional<Tensor> x_opt(x), w_gate_opt(w_gate), w_up_opt(w_up), w_down_opt(w_down);
+  const AutocastInputs<device> cast(
+      {&x_opt, &w_gate_opt, &w_up_opt, &w_down_opt, &b_gate, &b_up, &b_down});
+  return gated_mlp_op().call(
+      cast(x), cast(w_gate), cast(w_up), cast(w_down), cast(b_gate), cast(b_up), cast(b_down),
+      activation, weight_decay, save_hidden);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlp_ext, AutocastCPU, m) {
   m.impl("fused_mlp", TORCH_FN(fused_mlp_autocast<c10::DeviceType::CPU>));
   m.impl("fused_mlp_loss", TORCH_FN(fused_mlp_loss_autocast<c10::DeviceType::CPU>));
+  m.impl("gated_mlp", TORCH_FN(gated_mlp_autocast<c10::DeviceType::CPU>));
 }
 
 TORCH_LIBRARY_IMPL(mlp_ext, AutocastCUDA, m) {
   m.impl("fused_mlp", TORCH_FN(fused_mlp_autocast<c10::DeviceType::CUDA>));
   m.impl("fused_mlp_loss", TORCH_FN(fused_mlp_loss_autocast<c10::DeviceType::CUDA>));
+  m.impl("gated_mlp", TORCH_FN(gated_mlp_autocast<c10::DeviceType::CUDA>));
 }
 
 }  // namespace mlp_ext

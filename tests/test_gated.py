@@ -166,6 +166,29 @@ def test_half_types_against_float64_reference(device, activation, dtype, bias, w
         bound = error_bound(theirs, exact, dtype)
         assert relative_error(mine, exact) <= bound, (i, relative_error(mine, exact), bound)
 
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("autocast_dtype", HALF_TYPES)
+def test_autocast_casts_as_it_casts_nn_linear(device, autocast_dtype, input_dtype):
+    """Under torch.autocast the gated op casts its inputs as autocast casts
+    F.linear's (checked in this process): every floating dtype but float64 to the
+    autocast dtype, which o and s then have, bit for bit the op on inputs cast by
+    hand; float64 left alone. The casts are recorded by autograd, so each gradient
+    comes back in its parameter's dtype."""
+    inputs = make_gated(n=6, d=5, h=7, q=3, dtype=input_dtype, device=device)
+    with torch.autocast(device, dtype=autocast_dtype):
+        o, s = mlp_ext.gated_mlp(*inputs, activation="silu", weight_decay=0.1)
+        linear = torch.nn.functional.linear(inputs[0], inputs[1], inputs[4])
+    assert o.dtype == s.dtype == linear.dtype
+    expected_dtype = torch.float64 if input_dtype == torch.float64 else autocast_dtype
+    assert o.dtype == expected_dtype
+    with torch.no_grad():
+        cast = [t.detach().to(expected_dtype) for t in inputs]
+        o_cast, s_cast = mlp_ext.gated_mlp(*cast, activation="silu", weight_decay=0.1)
+    assert torch.equal(o, o_cast) and torch.equal(s, s_cast)
+    grads = torch.autograd.grad(o.float().sum() + s.float(), inputs)
+    assert [g.dtype for g in grads] == [t.dtype for t in inputs]
+
 def test_only_the_requested_gradients_are_computed():
     x, w_gate, w_up, w_down, b_gate, b_up, b_down = make_gated(requires_grad=False)
     _, _, z, h = OPS.gated_mlp_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, "silu", 0.1)
