@@ -11,30 +11,6 @@ namespace mlp_ext {
 
 namespace {
 
-void check_like_x(const char* name, const Tensor& t, const Tensor& x) {
-  TORCH_CHECK_TYPE(
-      t.scalar_type() == x.scalar_type(),
-      "gated_mlp: expected ", name, " to have the dtype of x (", x.scalar_type(), "), but got ",
-      t.scalar_type());
-  TORCH_CHECK(
-      t.device() == x.device(),
-      "gated_mlp: expected ", name, " on the device of x (", x.device(), "), but got ", name,
-      " on ", t.device());
-}
-
-void check_bias(
-    const char* name, const std::optional<Tensor>& b, int64_t size, const char* what,
-    const Tensor& x) {
-  if (!b) {
-    return;
-  }
-  TORCH_CHECK(
-      b->dim() == 1 && b->size(0) == size,
-      "gated_mlp: expected ", name, " of shape (", what, ",) = [", size, "], but got ", name,
-      ".shape = ", b->sizes());
-  check_like_x(name, *b, x);
-}
-
 // [W_g; W_u] (2h x d): the gate and up products as one product (see gated.h).
 Tensor stacked_weights(const Tensor& w_gate, const Tensor& w_up) {
   return at::cat({w_gate, w_up}, 0);
@@ -99,12 +75,12 @@ void check_gated_forward_inputs(
       "gated_mlp: w_down.shape[1] = ", w_down.size(1),
       " does not match hidden_features = w_gate.shape[0] = ", w_gate.size(0),
       " (w_gate.shape = ", w_gate.sizes(), ", w_down.shape = ", w_down.sizes(), ")");
-  check_like_x("w_gate", w_gate, x);
-  check_like_x("w_up", w_up, x);
-  check_like_x("w_down", w_down, x);
-  check_bias("b_gate", b_gate, w_gate.size(0), "hidden_features", x);
-  check_bias("b_up", b_up, w_gate.size(0), "hidden_features", x);
-  check_bias("b_down", b_down, w_down.size(0), "out_features", x);
+  check_like_x("gated_mlp", "w_gate", w_gate, x);
+  check_like_x("gated_mlp", "w_up", w_up, x);
+  check_like_x("gated_mlp", "w_down", w_down, x);
+  check_bias("gated_mlp", "b_gate", b_gate, w_gate.size(0), "hidden_features", x);
+  check_bias("gated_mlp", "b_up", b_up, w_gate.size(0), "hidden_features", x);
+  check_bias("gated_mlp", "b_down", b_down, w_down.size(0), "out_features", x);
 }
 
 GatedForwardResult gated_mlp_forward(

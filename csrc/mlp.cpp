@@ -23,32 +23,32 @@ std::string valid_activations() {
   return names;
 }
 
-// Every tensor argument shares the dtype and the device of x.
-void check_like_x(const char* name, const Tensor& t, const Tensor& x) {
+
+}  // namespace
+
+void check_like_x(const char* op, const char* name, const Tensor& t, const Tensor& x) {
   TORCH_CHECK_TYPE(
       t.scalar_type() == x.scalar_type(),
-      "fused_mlp: expected ", name, " to have the dtype of x (", x.scalar_type(), "), but got ",
+      op, ": expected ", name, " to have the dtype of x (", x.scalar_type(), "), but got ",
       t.scalar_type());
   TORCH_CHECK(
       t.device() == x.device(),
-      "fused_mlp: expected ", name, " on the device of x (", x.device(), "), but got ", name,
+      op, ": expected ", name, " on the device of x (", x.device(), "), but got ", name,
       " on ", t.device());
 }
 
 void check_bias(
-    const char* name, const std::optional<Tensor>& b, int64_t size, const char* what,
+    const char* op, const char* name, const std::optional<Tensor>& b, int64_t size, const char* what,
     const Tensor& x) {
   if (!b) {
     return;
   }
   TORCH_CHECK(
       b->dim() == 1 && b->size(0) == size,
-      "fused_mlp: expected ", name, " of shape (", what, ",) = [", size, "], but got ", name,
+      op, ": expected ", name, " of shape (", what, ",) = [", size, "], but got ", name,
       ".shape = ", b->sizes());
-  check_like_x(name, *b, x);
+  check_like_x(op, name, *b, x);
 }
-
-}  // namespace
 
 void check_dropout(const char* op, double dropout) {
   // Written so that NaN fails too.
@@ -106,10 +106,10 @@ void check_forward_inputs(
       w2.size(1) == w1.size(0),
       "fused_mlp: w2.shape[1] = ", w2.size(1), " does not match hidden_features = w1.shape[0] = ",
       w1.size(0), " (w1.shape = ", w1.sizes(), ", w2.shape = ", w2.sizes(), ")");
-  check_like_x("w1", w1, x);
-  check_like_x("w2", w2, x);
-  check_bias("b1", b1, w1.size(0), "hidden_features", x);
-  check_bias("b2", b2, w2.size(0), "out_features", x);
+  check_like_x("fused_mlp", "w1", w1, x);
+  check_like_x("fused_mlp", "w2", w2, x);
+  check_bias("fused_mlp", "b1", b1, w1.size(0), "hidden_features", x);
+  check_bias("fused_mlp", "b2", b2, w2.size(0), "out_features", x);
 }
 
 void check_backward_inputs(

@@ -37,6 +37,14 @@ inline double dropout_scale(double dropout) {
   return dropout < 1 ? 1.0 / (1.0 - dropout) : 0.0;
 }
 
+// TORCH_CHECKs (messages prefixed by `op`) that t has the dtype and the device of
+// x; and that the bias b, if given, is of shape (size,) (`what`: its name in the
+// op's math) and like x.
+void check_like_x(const char* op, const char* name, const Tensor& t, const Tensor& x);
+void check_bias(
+    const char* op, const char* name, const std::optional<Tensor>& b, int64_t size,
+    const char* what, const Tensor& x);
+
 // TORCH_CHECKs every argument of fused_mlp; messages name the argument and
 // both the expected and the actual shape / dtype / device.
 void check_forward_inputs(
