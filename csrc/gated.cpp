@@ -97,7 +97,7 @@ GatedForwardResult gated_mlp_forward(
   const Activation act = parse_activation(activation);
   check_gated_forward_inputs(
       x, w_gate, w_up, w_down, b_gate, b_up, b_down, weight_decay, kernels.reduced_precision);
-  const DeviceKernels& products = kernels.products;
+  const DeviceKernels& products = *kernels.products;
   const int64_t in_features = w_gate.size(1), hidden = w_gate.size(0);
   const int64_t out_features = w_down.size(0);
   const int64_t n = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
@@ -215,7 +215,7 @@ GatedBackwardResult gated_mlp_backward(
     GatedGradientMask output_mask) {
   const Activation act = parse_activation(activation);
   check_gated_backward_inputs(grad_o, grad_s, x, w_gate, w_up, w_down, z, h);
-  const DeviceKernels& products = kernels.products;
+  const DeviceKernels& products = *kernels.products;
   const auto [need_dx, need_dwg, need_dwu, need_dwd, need_dbg, need_dbu, need_dbd] = output_mask;
   const int64_t n = z.size(0);
   const int64_t in_features = w_gate.size(1), hidden = w_gate.size(0);

@@ -32,9 +32,10 @@ struct GatedDeviceKernels {
   // g_h (n x h, contiguous) = G_H; g (n x 2h, contiguous) receives
   // [G_H * Z_u * phi'(Z_g) | G_H * phi(Z_g)] = [G_Zg | G_Zu].
   void (*gated_activation_backward)(const Tensor& g_h, const Tensor& z, Tensor& g, Activation act);
-  // The matrix products, column sums and the regularization term: only
+  // The matrix products, column sums and the regularization term: the fused
+  // op's kernels of the device (kCpuKernels, kCudaKernels), of which only
   // matmul, column_sums (both optional, see DeviceKernels) and penalty are read.
-  DeviceKernels products;
+  const DeviceKernels* products;
   // Whether float16 / bfloat16 inputs are accepted (the elementwise kernels'
   // dtypes, not those of `products`).
   bool reduced_precision;

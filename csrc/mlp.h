@@ -118,6 +118,12 @@ struct DeviceKernels {
       std::array<bool, 5> output_mask) = nullptr;
 };
 
+// Each device's kernels of the fused op (csrc/cpu/mlp_cpu.cpp,
+// csrc/cuda/mlp_cuda.cpp; the CUDA one exists only in CUDA builds). The gated
+// op's products and penalty are these, not copies.
+extern const DeviceKernels kCpuKernels;
+extern const DeviceKernels kCudaKernels;
+
 // keep_z = false (the inference op): z need not survive, so on a device whose
 // bias_activation works in place h is written over z and returned as z too.
 // With dropout > 0 the returned h is phi(z) * mask / (1 - dropout) (what the

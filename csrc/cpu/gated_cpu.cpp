@@ -1,14 +1,12 @@
 // The gated op on the CPU: its GatedDeviceKernels (the elementwise kernels of
-// gated_kernels_impl.h for the widest instruction set the CPU has, the matrix
-// products of gemm.cpp) and their registration for the CPU dispatch key.
+// gated_kernels_impl.h for the widest instruction set the CPU has; the products
+// and s those of the fused op, kCpuKernels) and their registration for the CPU
+// dispatch key.
 #include <ATen/Context.h>
 
-#include <cstring>
 #include <string>
 
 #include "cpu/gated_kernels.h"
-#include "cpu/gemm.h"
-#include "cpu/kernels.h"
 #include "gated_registration.h"
 
 namespace mlp_ext {
@@ -68,22 +66,11 @@ void gated_activation_backward_cpu(const Tensor& g_h, const Tensor& z, Tensor& g
       g_h.size(1));
 }
 
-// weight_decay / 2 * (||w1||^2 + ||w2||^2) by the fused_mlp kernels' sum of squares.
-Tensor gated_penalty_cpu(const Tensor& w1, const Tensor& w2, double weight_decay) {
-  const Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
-  const auto& k = isa_kernels();
-  const double value = 0.5 * weight_decay *
-      (k.sum_of_squares(w1.scalar_type(), w1c.const_data_ptr(), w1c.numel()) +
-       k.sum_of_squares(w2.scalar_type(), w2c.const_data_ptr(), w2c.numel()));
-  return at::scalar_tensor(value, w1.options());
-}
-
 GatedDeviceKernels make_gated_cpu_kernels() {
   GatedDeviceKernels k{};
   k.gated_activation = gated_activation_cpu;
   k.gated_activation_backward = gated_activation_backward_cpu;
-  k.products.matmul = cpu_matmul;
-  k.products.penalty = gated_penalty_cpu;
+  k.products = &kCpuKernels;  // an address: safe before kCpuKernels is initialized
   k.reduced_precision = true;  // the kernels compute the half types in float32
   return k;
 }

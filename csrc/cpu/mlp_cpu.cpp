@@ -36,7 +36,7 @@ Tensor penalty_cpu(const Tensor& w1, const Tensor& w2, double weight_decay) {
   const double squares = k.sum_of_squares(w1.scalar_type(), w1c.const_data_ptr(), w1c.numel()) +
       k.sum_of_squares(w2.scalar_type(), w2c.const_data_ptr(), w2c.numel());
   // Summed in double, rounded once to the weights' dtype (as the CUDA kernel does).
-  Tensor s = at::empty({}, w1.options());
+  Tensor s = empty({}, w1.options());  // mlp.cpp's: no dispatch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "penalty_cpu", [&] {
     *s.data_ptr<scalar_t>() = static_cast<scalar_t>(0.5 * weight_decay * squares);
   });
@@ -84,9 +84,9 @@ DeviceKernels make_cpu_kernels() {
   return k;
 }
 
-const DeviceKernels kCpuKernels = make_cpu_kernels();
-
 }  // namespace
+
+const DeviceKernels kCpuKernels = make_cpu_kernels();
 
 TORCH_LIBRARY_IMPL(mlp_ext, CPU, m) {
   register_device_kernels<kCpuKernels>(m);

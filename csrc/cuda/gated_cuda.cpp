@@ -1,6 +1,7 @@
 // The gated op on CUDA: GatedDeviceKernels whose elementwise passes queue the
-// raw kernels of gated_kernels.cu on the current stream; the products are
-// ATen's (cuBLAS), the column sums and s ATen's reductions.
+// raw kernels of gated_kernels.cu on the current stream; the products, column
+// sums and s those of the fused op (kCudaKernels: cuBLAS through ATen, ATen's
+// reductions, the penalty kernel).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -58,19 +59,11 @@ void gated_activation_backward_cuda(
   });
 }
 
-// weight_decay / 2 * (||w1||^2 + ||w2||^2), summed in float32 or float64 (the
-// half types in float32), on the device: no synchronization.
-Tensor gated_penalty_cuda(const Tensor& w1, const Tensor& w2, double weight_decay) {
-  const auto acc = w1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor squares = at::sum(w1.to(acc).square()) + at::sum(w2.to(acc).square());
-  return (squares * (0.5 * weight_decay)).to(w1.scalar_type());
-}
-
 GatedDeviceKernels make_gated_cuda_kernels() {
   GatedDeviceKernels k{};
   k.gated_activation = gated_activation_cuda;
   k.gated_activation_backward = gated_activation_backward_cuda;
-  k.products.penalty = gated_penalty_cuda;
+  k.products = &kCudaKernels;  // an address: safe before kCudaKernels is initialized
   k.reduced_precision = true;
   return k;
 }

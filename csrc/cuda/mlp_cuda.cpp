@@ -325,9 +325,9 @@ DeviceKernels make_cuda_kernels() {
   return k;
 }
 
-const DeviceKernels kCudaKernels = make_cuda_kernels();
-
 }  // namespace
+
+const DeviceKernels kCudaKernels = make_cuda_kernels();
 
 TORCH_LIBRARY_IMPL(mlp_ext, CUDA, m) {
   register_device_kernels<kCudaKernels>(m);
