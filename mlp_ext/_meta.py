@@ -66,20 +66,52 @@ def _check_dropout(op, dropout):
                          f"{_number(dropout)}")
 
 
-def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay, dropout=0.0):
-    """csrc/mlp.cpp: parse_activation, then check_forward_inputs."""
-    _check_activation(activation)
+def _check_weight_decay(op, weight_decay):
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError("fused_mlp: expected weight_decay to be a finite number >= 0, but got "
+        raise ValueError(f"{op}: expected weight_decay to be a finite number >= 0, but got "
                          f"{_number(weight_decay)}")
-    _check_dropout("fused_mlp", dropout)
+
+
+def _check_x(op, x):
     if x.dim() < 1:
-        raise RuntimeError("fused_mlp: expected x of shape (*, in_features) with at least 1 "
+        raise RuntimeError(f"{op}: expected x of shape (*, in_features) with at least 1 "
                            "dimension, but got a 0-dim tensor")
     # Every device's kernels take float32, float64 and the half types.
     if x.dtype not in _FLOATING + _REDUCED:
-        raise TypeError("fused_mlp: expected x of a floating dtype (float32, float64, float16 or "
+        raise TypeError(f"{op}: expected x of a floating dtype (float32, float64, float16 or "
                         f"bfloat16), but got {_name(x.dtype)}")
+
+
+def _check_biases(op, x, biases):
+    """biases: (name, bias or None, expected size, what the size is)."""
+    for name, b, size, what in biases:
+        if b is None:
+            continue
+        if b.dim() != 1 or b.shape[0] != size:
+            raise RuntimeError(f"{op}: expected {name} of shape ({what},) = [{size}], but got "
+                               f"{name}.shape = {_sizes(b)}")
+        _check_like(op, name, b, x, "x")
+
+
+def _check_backward_rows(op, grad_o, grad_s, x, n, d, q):
+    """x, grad_o and grad_s against the n rows of the saved z."""
+    if not (x.dim() >= 1 and x.shape[-1] == d and x.numel() == n * d):
+        raise RuntimeError(f"{op}: expected x of {n} rows of in_features = {d}, but got x.shape = "
+                           f"{_sizes(x)}")
+    if grad_o.numel() != n * q:
+        raise RuntimeError(f"{op}: expected grad_o with {n} x {q} elements, but got grad_o.shape = "
+                           f"{_sizes(grad_o)}")
+    if grad_s is not None and grad_s.numel() != 1:
+        raise RuntimeError(f"{op}: expected grad_s with one element, but got grad_s.shape = "
+                           f"{_sizes(grad_s)}")
+
+
+def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay, dropout=0.0):
+    """csrc/mlp.cpp: parse_activation, then check_forward_inputs."""
+    _check_activation(activation)
+    _check_weight_decay("fused_mlp", weight_decay)
+    _check_dropout("fused_mlp", dropout)
+    _check_x("fused_mlp", x)
     if w1.dim() != 2:
         raise RuntimeError("fused_mlp: expected w1 of shape (hidden_features, in_features), but "
                            f"got w1.shape = {_sizes(w1)}")
@@ -96,14 +128,8 @@ def check_forward_inputs(x, w1, w2, b1, b2, activation, weight_decay, dropout=0.
                            f"{_sizes(w1)}, w2.shape = {_sizes(w2)})")
     _check_like("fused_mlp", "w1", w1, x, "x")
     _check_like("fused_mlp", "w2", w2, x, "x")
-    for name, b, size, what in (("b1", b1, w1.shape[0], "hidden_features"),
-                                ("b2", b2, w2.shape[0], "out_features")):
-        if b is None:
-            continue
-        if b.dim() != 1 or b.shape[0] != size:
-            raise RuntimeError(f"fused_mlp: expected {name} of shape ({what},) = [{size}], but got "
-                               f"{name}.shape = {_sizes(b)}")
-        _check_like("fused_mlp", name, b, x, "x")
+    _check_biases("fused_mlp", x, (("b1", b1, w1.shape[0], "hidden_features"),
+                                   ("b2", b2, w2.shape[0], "out_features")))
 
 
 def check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation, dropout_mask=None,
@@ -124,15 +150,7 @@ def check_backward_inputs(grad_o, grad_s, x, w1, w2, z, h, activation, dropout_m
     if h is not None and h.shape != z.shape:
         raise RuntimeError(f"{op}: expected h of shape {_sizes(z)} (the shape of z), but got "
                            f"h.shape = {_sizes(h)}")
-    if not (x.dim() >= 1 and x.shape[-1] == d and x.numel() == n * d):
-        raise RuntimeError(f"{op}: expected x of {n} rows of in_features = {d}, but got x.shape = "
-                           f"{_sizes(x)}")
-    if grad_o.numel() != n * q:
-        raise RuntimeError(f"{op}: expected grad_o with {n} x {q} elements, but got grad_o.shape = "
-                           f"{_sizes(grad_o)}")
-    if grad_s is not None and grad_s.numel() != 1:
-        raise RuntimeError(f"{op}: expected grad_s with one element, but got grad_s.shape = "
-                           f"{_sizes(grad_s)}")
+    _check_backward_rows(op, grad_o, grad_s, x, n, d, q)
     if dropout_mask is None and dropout != 0:
         raise RuntimeError(f"{op}: expected dropout_mask (the forward's mask) with dropout = "
                            f"{_number(dropout)}, but got None")
@@ -262,16 +280,8 @@ def check_gated_forward_inputs(x, w_gate, w_up, w_down, b_gate, b_up, b_down, ac
     """csrc/gated.cpp: parse_activation, then check_gated_forward_inputs."""
     _check_activation(activation)
     op = "gated_mlp"
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"{op}: expected weight_decay to be a finite number >= 0, but got "
-                         f"{_number(weight_decay)}")
-    if x.dim() < 1:
-        raise RuntimeError(f"{op}: expected x of shape (*, in_features) with at least 1 "
-                           "dimension, but got a 0-dim tensor")
-    # Every device's kernels take float32, float64 and the half types.
-    if x.dtype not in _FLOATING + _REDUCED:
-        raise TypeError(f"{op}: expected x of a floating dtype (float32, float64, float16 or "
-                        f"bfloat16), but got {_name(x.dtype)}")
+    _check_weight_decay(op, weight_decay)
+    _check_x(op, x)
     if w_gate.dim() != 2:
         raise RuntimeError(f"{op}: expected w_gate of shape (hidden_features, in_features), but "
                            f"got w_gate.shape = {_sizes(w_gate)}")
@@ -291,15 +301,9 @@ def check_gated_forward_inputs(x, w_gate, w_up, w_down, b_gate, b_up, b_down, ac
                            f"{_sizes(w_gate)}, w_down.shape = {_sizes(w_down)})")
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         _check_like(op, name, w, x, "x")
-    for name, b, size, what in (("b_gate", b_gate, w_gate.shape[0], "hidden_features"),
-                                ("b_up", b_up, w_gate.shape[0], "hidden_features"),
-                                ("b_down", b_down, w_down.shape[0], "out_features")):
-        if b is None:
-            continue
-        if b.dim() != 1 or b.shape[0] != size:
-            raise RuntimeError(f"{op}: expected {name} of shape ({what},) = [{size}], but got "
-                               f"{name}.shape = {_sizes(b)}")
-        _check_like(op, name, b, x, "x")
+    _check_biases(op, x, (("b_gate", b_gate, w_gate.shape[0], "hidden_features"),
+                          ("b_up", b_up, w_gate.shape[0], "hidden_features"),
+                          ("b_down", b_down, w_down.shape[0], "out_features")))
 
 
 def check_gated_backward_inputs(grad_o, grad_s, x, w_gate, w_up, w_down, z, h, activation):
@@ -320,15 +324,7 @@ def check_gated_backward_inputs(grad_o, grad_s, x, w_gate, w_up, w_down, z, h, a
     if h is not None and not (h.dim() == 2 and h.shape[0] == n and h.shape[1] == hidden):
         raise RuntimeError(f"{op}: expected h of shape [{n}, {hidden}], but got h.shape = "
                            f"{_sizes(h)}")
-    if not (x.dim() >= 1 and x.shape[-1] == d and x.numel() == n * d):
-        raise RuntimeError(f"{op}: expected x of {n} rows of in_features = {d}, but got x.shape = "
-                           f"{_sizes(x)}")
-    if grad_o.numel() != n * q:
-        raise RuntimeError(f"{op}: expected grad_o with {n} x {q} elements, but got grad_o.shape = "
-                           f"{_sizes(grad_o)}")
-    if grad_s is not None and grad_s.numel() != 1:
-        raise RuntimeError(f"{op}: expected grad_s with one element, but got grad_s.shape = "
-                           f"{_sizes(grad_s)}")
+    _check_backward_rows(op, grad_o, grad_s, x, n, d, q)
     for name, t in (("grad_o", grad_o), ("x", x), ("w_gate", w_gate), ("w_up", w_up),
                     ("w_down", w_down), ("h", h)):
         if t is not None:

@@ -1,5 +1,6 @@
 """The functional entry point, fused_mlp, and the argument-type checks of the
 Python entry points (the values are checked by the operator itself)."""
+import math
 import numbers
 import sys
 from typing import Optional, Tuple
@@ -69,6 +70,17 @@ def check_options(op: str, activation, weight_decay, save_hidden, *,
                         f"{_type_name(weight_decay)}")
     if not isinstance(save_hidden, bool):
         raise TypeError(f"{op}: expected save_hidden to be a bool, but got {_type_name(save_hidden)}")
+    return activation
+
+
+def check_module_options(where: str, activation, weight_decay, save_hidden) -> str:
+    """check_options, and the operator's ValueError for a weight_decay that is negative or
+    not finite: for options stored now and passed to the op later (modules, fuse), so that
+    a bad value fails where it is given. Returns the canonical name of the activation."""
+    activation = check_options(where, activation, weight_decay, save_hidden)
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"{where}: expected weight_decay to be a finite number >= 0, but got "
+                         f"{weight_decay}")
     return activation
 
 

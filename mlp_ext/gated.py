@@ -8,7 +8,6 @@ phi is any of ``mlp_ext.ACTIVATIONS``: silu (SwiGLU: LLaMA, Mistral, Qwen),
 gelu_tanh / gelu (GeGLU: Gemma, T5 v1.1), relu (ReGLU), sigmoid (GLU). See
 docs/gated.md.
 """
-import math
 from typing import Optional, Tuple, Union
 
 from torch import Tensor, nn
@@ -17,8 +16,8 @@ from torch.nn import Parameter
 import torch
 
 from . import penalty as _penalty
-from .functional import check_options, check_tensor, is_dtensor
-from .modules import _attribute
+from .functional import check_module_options, check_options, check_tensor, is_dtensor
+from .modules import _attribute, check_sizes
 
 _gated_mlp = torch.ops.mlp_ext.gated_mlp.default
 
@@ -78,12 +77,6 @@ def _check_names(where: str, names) -> Tuple[str, str, str]:
     return tuple(names)
 
 
-def _check_weight_decay(where: str, weight_decay) -> None:
-    if not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"{where}: expected weight_decay to be a finite number >= 0, but got "
-                         f"{weight_decay}")
-
-
 class GatedFusedMLP(nn.Module):
     """down(phi(gate(x)) * up(x)) as one fused operator; gate, up and down are
     nn.Linear children (initialized as nn.Linear is) whose names are
@@ -117,17 +110,9 @@ class GatedFusedMLP(nn.Module):
         super().__init__()
         where = "GatedFusedMLP"
         out_features = in_features if out_features is None else out_features
-        for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
-                            ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{where}: expected {name} to be an int, but got "
-                                f"{type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"{where}: expected {name} >= 0, but got {value}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"{where}: expected bias to be a bool, but got {type(bias).__name__}")
-        self.activation = check_options(where, activation, weight_decay, save_hidden)
-        _check_weight_decay(where, weight_decay)
+        check_sizes(where, bias, in_features=in_features, hidden_features=hidden_features,
+                    out_features=out_features)
+        self.activation = check_module_options(where, activation, weight_decay, save_hidden)
         names = _check_names(where, names)
         if names != type(self)._linear_names:
             self._linear_names = names
@@ -211,8 +196,7 @@ class GatedFusedMLP(nn.Module):
         if any(layer.weight.dtype != gate.weight.dtype or layer.weight.device != gate.weight.device
                for layer in layers):
             raise ValueError(f"{where}: gate, up and down must share a dtype and a device")
-        activation = check_options(where, activation, weight_decay, save_hidden)
-        _check_weight_decay(where, weight_decay)
+        activation = check_module_options(where, activation, weight_decay, save_hidden)
         names = _check_names(where, names)
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)

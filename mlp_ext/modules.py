@@ -1,6 +1,5 @@
 """FusedMLP: a drop-in for nn.Sequential(nn.Linear, activation, nn.Linear)."""
 import copy
-import math
 from typing import Tuple, Union
 
 from torch import Tensor, nn
@@ -8,7 +7,8 @@ from torch.nn import Parameter
 
 from . import penalty as _penalty
 from .activations import QuickGELU, resolve_activation
-from .functional import _fused_mlp, check_dropout, check_options, check_tensor, is_dtensor, op_options
+from .functional import (_fused_mlp, check_dropout, check_module_options, check_tensor, is_dtensor,
+                         op_options)
 
 # Activation name <-> the nn module of a Sequential (to_sequential builds these).
 _MODULES = {
@@ -52,6 +52,17 @@ def _check_linears(where: str, fc1, fc2, names=("fc1", "fc2")) -> None:
         raise ValueError(f"{where}: {names[0]} and {names[1]} must share a dtype and a device, but got "
                          f"{fc1.weight.dtype} on {fc1.weight.device} and {fc2.weight.dtype} on "
                          f"{fc2.weight.device}")
+
+
+def check_sizes(where: str, bias, **sizes) -> None:
+    """TypeError / ValueError for a module's feature sizes (ints >= 0) and bias (a bool)."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{where}: expected {name} to be an int, but got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{where}: expected {name} >= 0, but got {value}")
+    if not isinstance(bias, bool):
+        raise TypeError(f"{where}: expected bias to be a bool, but got {type(bias).__name__}")
 
 
 class FusedMLP(nn.Module):
@@ -103,21 +114,10 @@ class FusedMLP(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
-                            ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"FusedMLP: expected {name} to be an int, but got "
-                                f"{type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"FusedMLP: expected {name} >= 0, but got {value}")
-        for name, value in (("bias", bias), ("save_hidden", save_hidden)):
-            if not isinstance(value, bool):
-                raise TypeError(f"FusedMLP: expected {name} to be a bool, but got {type(value).__name__}")
-        activation = check_options("FusedMLP", activation, weight_decay, save_hidden)
+        check_sizes("FusedMLP", bias, in_features=in_features, hidden_features=hidden_features,
+                    out_features=out_features)
+        activation = check_module_options("FusedMLP", activation, weight_decay, save_hidden)
         check_dropout("FusedMLP", dropout)
-        if not math.isfinite(weight_decay) or weight_decay < 0:
-            raise ValueError(f"FusedMLP: expected weight_decay to be a finite number >= 0, but got "
-                             f"{weight_decay}")
         factory = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
@@ -198,11 +198,8 @@ class FusedMLP(nn.Module):
         """
         where = "FusedMLP.from_linears"
         _check_linears(where, fc1, fc2)
-        activation = check_options(where, activation, weight_decay, save_hidden)
+        activation = check_module_options(where, activation, weight_decay, save_hidden)
         check_dropout(where, dropout)
-        if not math.isfinite(weight_decay) or weight_decay < 0:
-            raise ValueError(f"{where}: expected weight_decay to be a finite number >= 0, but got "
-                             f"{weight_decay}")
         if not (isinstance(names, (tuple, list)) and len(names) == 2
                 and all(isinstance(n, str) and n and "." not in n for n in names)
                 and names[0] != names[1]):
