@@ -289,10 +289,13 @@ ForwardResult fused_mlp_forward(
   matmul(kernels, z, b1 ? &*b1 : nullptr, x2d, false, w1, /*trans_b=*/true);
   Tensor h = keep_z || !kernels.activation_in_place ? empty({n, hidden}, options) : z;
   kernels.bias_activation(z, h, std::nullopt, act);
-  // dropout = 0: nothing drawn, no pass over h; the mask is a 0-element tensor
-  // (no storage), as the op has to return a tensor.
+  // dropout = 0: nothing drawn, no pass over h; the forward op's mask is a
+  // 0-element tensor (no storage), as the op has to return a tensor; the
+  // inference op returns none.
   const auto bool_options = options.dtype(at::kBool);
-  Tensor mask = dropout > 0 ? empty({n, hidden}, bool_options) : empty({0}, bool_options);
+  Tensor mask = dropout > 0 ? empty({n, hidden}, bool_options)
+      : keep_z              ? empty({0}, bool_options)
+                            : Tensor();
   if (dropout > 0) {
     draw_dropout(kernels, h, mask, dropout);
   }

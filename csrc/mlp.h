@@ -128,7 +128,8 @@ extern const DeviceKernels kCudaKernels;
 // bias_activation works in place h is written over z and returned as z too.
 // With dropout > 0 the returned h is phi(z) * mask / (1 - dropout) (what the
 // second product and dW2 read) and mask the n x h bool mask drawn from the
-// device's generator; with dropout = 0 nothing is drawn and mask is empty.
+// device's generator; with dropout = 0 nothing is drawn and mask has 0 elements
+// (undefined without keep_z).
 ForwardResult fused_mlp_forward(
     const DeviceKernels& kernels,
     const Tensor& x,
