@@ -589,3 +589,28 @@ def test_dropout_blocks_on_every_device(device):
     model.train()
     # Dropout is on again (0.7^50 is the chance that none of the 5 x 10 units drops).
     assert not torch.equal(model["hidden"](x), without_dropout)
+
+
+@pytest.mark.parametrize("dtype, tol", [
+    # float32: unit roundoff 2^-24 per operation, a few dozen operations summed in
+    # another order than nn.Linear's (the scale 1 / (1 - p) adds one rounding).
+    (torch.float32, 1e-5),
+    # bfloat16: 2^-8 relative per stored value (z, h, o are stored in bfloat16).
+    (torch.bfloat16, 2e-2),
+])
+def test_low_precision_dropout_blocks_train_like_the_original(dtype, tol):
+    """The probe runs in float64; in the model's own dtype the op's CPU mask is
+    nn.Dropout's too: outputs differ by rounding only (a different mask would move
+    them by O(1))."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Dropout(P), nn.Linear(64, D))
+    model = nn.Sequential(DropoutLayer(D, block)).to(dtype)
+    original = copy.deepcopy(model)
+    assert [r.dropout for r in mlp_ext.fuse(model).replaced] == [P]
+    x = torch.randn(16, D).to(dtype)
+    out = _seeded(model, x, 3)
+    expected = _seeded(original, x, 3)
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    hidden = torch.randn(64, D).to(dtype)   # the blocks alone: 64 x 64 units, ~30% dropped
+    torch.testing.assert_close(_seeded(model[0].mlp, hidden, 4), _seeded(original[0].mlp, hidden, 4),
+                               rtol=tol, atol=tol)
