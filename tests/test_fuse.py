@@ -614,3 +614,17 @@ def test_low_precision_dropout_blocks_train_like_the_original(dtype, tol):
     hidden = torch.randn(64, D).to(dtype)   # the blocks alone: 64 x 64 units, ~30% dropped
     torch.testing.assert_close(_seeded(model[0].mlp, hidden, 4), _seeded(original[0].mlp, hidden, 4),
                                rtol=tol, atol=tol)
+
+
+class FlattensToRows(SharedDropout):
+    def forward(self, x):
+        rows = self.dropout(self.act(self.fc1(x.reshape(-1, x.shape[-1]))))
+        return self.fc2(rows).reshape(*x.shape[:-1], -1)
+
+
+def test_a_forward_that_flattens_its_input_is_fused():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"mlp": FlattensToRows(D, H)}).double()
+    original = copy.deepcopy(model)
+    assert [r.dropout for r in mlp_ext.fuse(model).replaced] == [P]
+    _assert_same_training_step(model["mlp"], original["mlp"], torch.randn(2, 3, D, dtype=torch.float64), 9)
