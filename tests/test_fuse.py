@@ -628,3 +628,28 @@ def test_a_forward_that_flattens_its_input_is_fused():
     original = copy.deepcopy(model)
     assert [r.dropout for r in mlp_ext.fuse(model).replaced] == [P]
     _assert_same_training_step(model["mlp"], original["mlp"], torch.randn(2, 3, D, dtype=torch.float64), 9)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_decay_with_a_dropout_block(bias):
+    """fuse(model, weight_decay=lambda) on a dropout block: under one seed the fused
+    model's o and s give the gradients of J = L + lambda/2 (||W1||^2 + ||W2||^2) that
+    the original model gives with the L2 term written out."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(D, H, bias=bias), nn.Tanh(), nn.Dropout(P), nn.Linear(H, D, bias=bias))
+    model = nn.Sequential(DropoutLayer(D, block)).double()
+    original = copy.deepcopy(model)
+    assert [r.dropout for r in mlp_ext.fuse(model, weight_decay=0.1).replaced] == [P]
+    x = torch.randn(4, D, dtype=torch.float64)
+    g = torch.randn(4, D, dtype=torch.float64)
+    torch.manual_seed(8)
+    with mlp_ext.collect_penalty() as penalty:
+        loss = (model(x) * g).sum() + penalty.total()
+    torch.manual_seed(8)
+    w1, w2 = original[0].mlp[0].weight, original[0].mlp[3].weight
+    expected_loss = (original(x) * g).sum() + 0.1 / 2 * (w1.square().sum() + w2.square().sum())
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected_grads = torch.autograd.grad(expected_loss, list(original.parameters()))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
