@@ -7,31 +7,46 @@ A block is a candidate when it is
   between and after them), or
 * any module whose direct children are exactly two ``nn.Linear`` (any names:
   CLIP's / SigLIP's ``fc1, activation_fn, fc2``, timm's ``fc1, act, drop1, norm,
-  fc2, drop2``), one activation (a child module, or a function held as an
-  attribute) and otherwise only no-op modules: ``nn.Identity`` and dropout with
-  ``p == 0``.
+  fc2, drop2``; T5's ``wi, act, dropout, wo``), one activation (a child module, or
+  a function held as an attribute), at most one ``nn.Dropout`` with p > 0 (the
+  hidden-layer dropout, see below) and otherwise only no-op modules:
+  ``nn.Identity`` and dropout with ``p == 0``.
 
 It is **replaced** only when all of these hold (otherwise it is left alone and
 the report says why):
 
 1. structure: no parameters or buffers besides the two Linears' (a LayerNorm
-   between them, a learned activation, an attention sub-layer: refused), dropout
-   only with p == 0, the Linears chain (``fc1.out_features == fc2.in_features``),
-   both or neither have a bias, no hooks on the block or its Linears (the fused op
-   would bypass them), no parametrized Linear weights;
+   between them, a learned activation, an attention sub-layer: refused), the
+   Linears chain (``fc1.out_features == fc2.in_features``), both or neither have a
+   bias, no hooks on the block or its children (the fused op would bypass them), no
+   parametrized Linear weights; dropout with p > 0 only as one plain
+   ``nn.Dropout`` (``inplace`` or not): two of them, or ``Dropout1d/2d/3d``,
+   ``AlphaDropout``, ``FeatureAlphaDropout`` with p > 0 (other math) are refused;
 2. the activation is recognised (``mlp_ext.resolve_activation``);
 3. the probe: the block's own ``forward`` is run, in ``train()`` and in ``eval()``
    mode, in float64 on the parameters' device with **random** weights of the
    Linears' shapes (``torch.func.functional_call``; the real weights are not used,
    so a zero-initialized layer cannot hide a difference), on a random input of
    shape (2, 3, in_features), and must agree with ``fused_mlp`` to 1e-10 relative.
-   The random numbers come from a private generator: the global RNG is untouched.
+   The random numbers come from a private generator and, inside
+   ``torch.random.fork_rng``, from generators seeded for the probe: the caller's
+   RNG state is untouched.
+4. with an ``nn.Dropout(p)``, p > 0: the probe also establishes where it acts. In
+   train mode the forward must call it exactly once, on ``phi(fc1(x))``, and return
+   ``fc2`` of its output (checked with temporary hooks on the dropout, whatever
+   mask it draws); that is ``FusedMLP(dropout=p)``'s math. On the CPU the train-mode
+   output is moreover compared with ``fused_mlp(..., dropout=p)`` under the same
+   seed (the op's CPU mask is bit-identical to nn.Dropout's); on CUDA the op's mask
+   is its own (Philox) draw, so there the train-mode check is the structural one
+   and the outputs are compared in eval mode only. A dropout after ``fc2`` with
+   p > 0 (timm's ``drop2``), or before ``fc1``, is refused with the reason.
 
 The replacement is ``FusedMLP.from_linears`` with the block's own Linear modules
-under the block's own names, so the parameters (identity, optimizer state),
-``state_dict()`` keys and everything that saves and loads by them
-(``save_pretrained`` / ``from_pretrained``, checkpoints) are unchanged. The
-activation module itself holds no state and goes.
+under the block's own names (and ``dropout=p`` for a hidden-layer dropout), so the
+parameters (identity, optimizer state), ``state_dict()`` keys and everything that
+saves and loads by them (``save_pretrained`` / ``from_pretrained``, checkpoints) are
+unchanged. The activation and dropout modules hold no state and go; the FusedMLP
+follows ``train()`` / ``eval()`` as they did (dropout in training only).
 
 Not replaced (reported): a Linear-activation-Linear run inside a longer
 ``nn.Sequential`` (replacing it would renumber the keys of what follows), blocks
@@ -42,18 +57,21 @@ converts one block).
 Gated blocks (transformers' LlamaMLP, MistralMLP, Qwen2MLP, GemmaMLP,
 T5DenseGatedActDense; timm's SwiGLU): a module whose direct children are exactly
 three ``nn.Linear``, two of one shape (gate and up) feeding the third (down), one
-activation and otherwise no-ops, under the same rules 1-2, is proven by the same
+activation and otherwise no-ops (no dropout with p > 0: GatedFusedMLP has none),
+under the same rules 1-2, is proven by the same
 probe against ``mlp_ext.gated_mlp`` -- which of the two is the gate is whichever
 order the probe confirms -- and replaced by ``GatedFusedMLP.from_linears`` under
 the block's own names (``fused_gated_block`` converts one block).
 """
 import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import reference
 from .activations import resolve_activation
 from .functional import check_options, fused_mlp
 from .gated import gated_mlp
@@ -63,6 +81,7 @@ from .modules import FusedMLP
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
              nn.FeatureAlphaDropout)
 _PROBE_RTOL = 1e-10
+_PROBE_SEED = 0x5EED
 
 
 class NotFusable(ValueError):
@@ -76,6 +95,7 @@ class Replaced:
     activation: str       # canonical name
     linears: Tuple[str, ...]   # (fc1, fc2), or (gate, up, down) for a gated block
     shape: Tuple[int, int, int]   # (in, hidden, out)
+    dropout: float = 0.0       # p of the hidden-layer dropout (FusedMLP's dropout=p)
 
 
 @dataclasses.dataclass
@@ -97,7 +117,8 @@ class FuseReport:
             if len(r.linears) == 3:   # a gated block: gate, up, down
                 what = f"{r.linears[2]}({r.activation}({r.linears[0]}) * {r.linears[1]})"
             else:
-                what = f"{r.linears[0]} -> {r.activation} -> {r.linears[1]}"
+                dropout = f" -> dropout(p={r.dropout})" if r.dropout else ""
+                what = f"{r.linears[0]} -> {r.activation}{dropout} -> {r.linears[1]}"
             lines.append(f"  replaced {r.name} ({r.block}): {what}, "
                          f"{r.shape[0]}x{r.shape[1]}x{r.shape[2]}")
         for s in self.skipped:
@@ -132,12 +153,14 @@ def _is_candidate(block: nn.Module) -> bool:
     return len(_linear_children(block)) == 2
 
 
-def _plan(block: nn.Module) -> Tuple[str, str, str]:
-    """(name of fc1, activation, name of fc2) of a candidate block, or NotFusable."""
+def _plan(block: nn.Module) -> Tuple[str, str, str, Optional[str]]:
+    """(name of fc1, activation, name of fc2, name of the nn.Dropout with p > 0 or
+    None) of a candidate block, or NotFusable. Where the dropout acts is left to
+    the probe (_check_hidden_dropout): the children's order cannot tell."""
     linears = _linear_children(block)
     if len(linears) != 2:
         raise NotFusable(f"has {len(linears)} Linear children, not 2")
-    activation = _plan_structure(block, linears)
+    activation, dropout = _plan_structure(block, linears, hidden_dropout=True)
     (n1, l1), (n2, l2) = linears
     chains = [(a, b) for (a, la), (b, lb) in ((linears[0], linears[1]), (linears[1], linears[0]))
               if la.out_features == lb.in_features]
@@ -146,12 +169,14 @@ def _plan(block: nn.Module) -> Tuple[str, str, str]:
                          f"{n2}: {l2.in_features}->{l2.out_features})")
     first, second = chains[0]   # both chain (square): registration order
     _check_linear_weights([l for _, l in linears])
-    return first, activation, second
+    return first, activation, second, dropout
 
 
-def _plan_structure(block: nn.Module, linears: List[Tuple[str, nn.Linear]]) -> str:
+def _plan_structure(block: nn.Module, linears: List[Tuple[str, nn.Linear]], *,
+                    hidden_dropout: bool) -> Tuple[str, Optional[str]]:
     """The checks of rule 1 and 2 that do not depend on how the Linears connect;
-    returns the activation (canonical name)."""
+    returns the activation (canonical name) and the name of the one nn.Dropout with
+    p > 0 (None if none), which only a block with hidden_dropout may have."""
     others = [(n, c) for n, c in block.named_children() if not isinstance(c, nn.Linear)]
     stateful = [n for n, c in others if _has_state(c)]
     if stateful:
@@ -162,6 +187,8 @@ def _plan_structure(block: nn.Module, linears: List[Tuple[str, nn.Linear]]) -> s
     if own:
         raise NotFusable(f"holds its own parameters or buffers ({', '.join(own)})")
     hooks = _hooks(block)
+    for n, c in others:   # the activation and dropout go: hooks on them would stop firing
+        hooks += [f"{n}.{h}" for h in _hooks(c)]
     for n, c in linears:
         hooks += [f"{n}.{h}" for h in _hooks(c)]
         if torch.nn.utils.parametrize.is_parametrized(c):
@@ -170,14 +197,26 @@ def _plan_structure(block: nn.Module, linears: List[Tuple[str, nn.Linear]]) -> s
             raise NotFusable(f"{n} is a {type(c).__name__}, a subclass of nn.Linear")
     if hooks:
         raise NotFusable(f"has hooks the fused op would bypass ({', '.join(hooks)})")
-    activations, identities = [], []
+    activations, identities, dropouts = [], [], []
     for n, c in others:
         noop = _is_noop(c)
         if noop is True:
             identities.append(n)
             continue
         if noop is False:
-            raise NotFusable(f"{n} = {c!r} is not a no-op in training (dropout p > 0)")
+            if not hidden_dropout:
+                raise NotFusable(f"{n} = {c!r} is not a no-op in training (dropout p > 0), and "
+                                 "GatedFusedMLP has no dropout")
+            # FusedMLP's dropout is nn.Dropout's math: elementwise, scaled by 1 / (1 - p).
+            # Dropout1d/2d/3d drop whole channels, the alpha dropouts keep SELU's
+            # statistics with other values: not that math, whatever the probe says.
+            # inplace=True changes only where nn.Dropout writes (over phi(z), a temporary
+            # of the block's forward), not its mask or values: the same math.
+            if type(c) is not nn.Dropout:
+                raise NotFusable(f"{n} = {c!r} is not a no-op in training (dropout p > 0), and only "
+                                 "a plain nn.Dropout is FusedMLP's hidden-layer dropout")
+            dropouts.append(n)
+            continue
         try:
             activations.append((n, resolve_activation(c, where="fuse", argument=n)))
         except (TypeError, ValueError) as e:
@@ -196,7 +235,10 @@ def _plan_structure(block: nn.Module, linears: List[Tuple[str, nn.Linear]]) -> s
         if len(names) > 1:
             raise NotFusable(f"has more than one activation ({', '.join(names)})")
         activations = [(n, a) for n, a in activations if a != "identity"]
-    return activations[0][1] if activations else "identity"
+    if len(dropouts) > 1:
+        raise NotFusable(f"has {len(dropouts)} dropouts with p > 0 ({', '.join(dropouts)}): "
+                         "FusedMLP has one, between the activation and the second Linear")
+    return (activations[0][1] if activations else "identity"), (dropouts[0] if dropouts else None)
 
 
 def _check_linear_weights(layers: List[nn.Linear], same_bias: bool = True) -> None:
@@ -214,12 +256,15 @@ def _check_linear_weights(layers: List[nn.Linear], same_bias: bool = True) -> No
         raise NotFusable(f"its weights are {fc1.weight.dtype}")
 
 
-def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
+def _verify(block: nn.Module, first: str, activation: str, second: str,
+            dropout: Optional[str]) -> None:
     """Run the block's own forward on random float64 weights and input (train and
-    eval mode) against fused_mlp; NotFusable when they differ."""
+    eval mode) against fused_mlp; NotFusable when they differ. With a hidden-layer
+    dropout (the name of an nn.Dropout with p > 0), first establish where it acts."""
     fc1, fc2 = block._modules[first], block._modules[second]
     device = fc1.weight.device
     generator = _probe_generator()
+    p = float(block._modules[dropout].p) if dropout is not None else 0.0
 
     def random(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device)
@@ -233,41 +278,90 @@ def _verify(block: nn.Module, first: str, activation: str, second: str) -> None:
             params[f"{first}.bias"] = random(h)
             params[f"{second}.bias"] = random(q)
         x = random(2, 3, d, scale=2.0)
-        expected, _ = fused_mlp(x, params[f"{first}.weight"], params[f"{second}.weight"],
-                                params.get(f"{first}.bias"), params.get(f"{second}.bias"),
-                                activation=activation)
+        inputs = (x, params[f"{first}.weight"], params[f"{second}.weight"],
+                  params.get(f"{first}.bias"), params.get(f"{second}.bias"))
+        without_dropout, _ = fused_mlp(*inputs, activation=activation)
     except Exception as e:   # e.g. no float64 on this device
         raise NotFusable(f"the float64 probe cannot run on {device} ({type(e).__name__}: {e})") from None
-    _probe(block, params, x, expected, f"{second}({activation}({first}(x)))")
+
+    def expected(training: bool) -> Optional[Tensor]:
+        if not (training and p):
+            return without_dropout
+        if device.type != "cpu":
+            # The CUDA op draws its mask with its own (Philox) kernel, not nn.Dropout's:
+            # the same distribution, other numbers. There the train-mode proof is the
+            # structure (_check_hidden_dropout) and the outputs are compared in eval mode.
+            return None
+        # On the CPU the op's mask is nn.Dropout's for the same seed (_probe seeds both).
+        return fused_mlp(*inputs, activation=activation, dropout=p)[0]
+
+    description = f"{second}({activation}({first}(x)))"
+    if dropout is not None:
+        _check_hidden_dropout(block, params, x, first, activation, second, dropout)
+        description = f"{second}(dropout({activation}({first}(x)), p={p}))"
+    _probe(block, params, x, expected, description)
 
 
 def _probe_generator():
-    return torch.Generator().manual_seed(0x5EED)
+    return torch.Generator().manual_seed(_PROBE_SEED)
 
 
-def _probe(block: nn.Module, params: Dict[str, Tensor], x: Tensor, expected: Tensor,
-           description: str) -> None:
-    """Run block's own forward with params (train and eval mode, no grad, the
-    global RNG untouched) on x; NotFusable unless it matches expected to _PROBE_RTOL."""
-    device = x.device
-    # fork_rng restores the global CPU generator and, on CUDA, this device's.
-    rng_devices = [] if device.type != "cuda" else [
+def _forked_rng(device: torch.device):
+    """fork_rng of the global CPU generator and, on CUDA, of this device's: what the
+    probe draws or seeds there is given back."""
+    devices = [] if device.type != "cuda" else [
         device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.fork_rng(devices=devices)
+
+
+def _relative_error(out: Tensor, expected: Tensor) -> float:
+    if out.numel() == 0:
+        return 0.0
+    return float(((out - expected).abs() / (1 + expected.abs())).max())
+
+
+def _same_values(out: Optional[Tensor], expected: Tensor) -> bool:
+    """out holds expected's values in the same (row-major) order, to _PROBE_RTOL; the
+    shape may differ (a forward that flattens x to rows for its Linears)."""
+    return (isinstance(out, Tensor) and out.numel() == expected.numel()
+            and _relative_error(out.reshape(-1), expected.reshape(-1)) <= _PROBE_RTOL)
+
+
+def _run(block: nn.Module, params: Dict[str, Tensor], x: Tensor, training: bool) -> Tensor:
+    """block's own forward in train or eval mode with params, on a copy of x (the
+    caller restores block.training and forks the RNG)."""
+    block.train(training)
+    try:
+        out = torch.func.functional_call(block, params, (x.clone(),))
+    except Exception as e:
+        raise NotFusable(f"its forward failed on the probe input ({type(e).__name__}: {e})") from None
+    if not isinstance(out, Tensor):
+        raise NotFusable("its forward does not return one tensor of shape (*, out_features)")
+    if out.dtype != torch.float64:
+        raise NotFusable(f"its forward returns {out.dtype} for float64 input")
+    return out
+
+
+def _probe(block: nn.Module, params: Dict[str, Tensor], x: Tensor,
+           expected: Callable[[bool], Optional[Tensor]], description: str) -> None:
+    """Run block's own forward with params (train and eval mode, no grad) on x;
+    NotFusable unless it matches expected(training) to _PROBE_RTOL (no comparison
+    where that is None). The CPU generator is seeded with _PROBE_SEED before the
+    block's forward and again before expected(training), so that a dropout in both
+    draws the same mask on the CPU; the caller's RNG state is given back."""
     was_training = block.training
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+        with torch.no_grad(), _forked_rng(x.device):
             for mode in (True, False):
-                block.train(mode)
-                try:
-                    out = torch.func.functional_call(block, params, (x.clone(),))
-                except Exception as e:
-                    raise NotFusable(f"its forward failed on the probe input ({type(e).__name__}: "
-                                     f"{e})") from None
-                if not isinstance(out, Tensor) or out.shape != expected.shape:
+                torch.default_generator.manual_seed(_PROBE_SEED)
+                out = _run(block, params, x, mode)
+                torch.default_generator.manual_seed(_PROBE_SEED)
+                want = expected(mode)
+                if want is None:
+                    continue
+                if out.shape != want.shape:
                     raise NotFusable("its forward does not return one tensor of shape (*, out_features)")
-                if out.dtype != torch.float64:
-                    raise NotFusable(f"its forward returns {out.dtype} for float64 input")
-                error = float(((out - expected).abs() / (1 + expected.abs())).max())
+                error = _relative_error(out, want)
                 if not error <= _PROBE_RTOL:
                     raise NotFusable(f"its forward differs from {description} on "
                                      f"the probe by {error:.3g} ({'train' if mode else 'eval'} mode)")
@@ -275,14 +369,58 @@ def _probe(block: nn.Module, params: Dict[str, Tensor], x: Tensor, expected: Ten
         block.train(was_training)
 
 
+def _check_hidden_dropout(block: nn.Module, params: Dict[str, Tensor], x: Tensor, first: str,
+                          activation: str, second: str, name: str) -> None:
+    """Where the block's nn.Dropout `name` acts, on any device: in train mode the
+    block's forward must call it once, on phi(first(x)), and return second(its
+    output), which is FusedMLP's o = fc2(dropout(phi(fc1(x)))). Temporary hooks record
+    the dropout's input and output, so this holds whatever mask it draws (even one
+    that drops nothing); NotFusable otherwise."""
+    dropout = block._modules[name]
+    calls: List[List[Optional[Tensor]]] = []
+
+    def record_input(module, args):
+        # A copy: an inplace dropout overwrites its input.
+        calls.append([args[0].clone() if args and isinstance(args[0], Tensor) else None])
+
+    def record_output(module, args, output):
+        calls[-1].append(output.clone() if isinstance(output, Tensor) else None)
+
+    handles = [dropout.register_forward_pre_hook(record_input),
+               dropout.register_forward_hook(record_output)]
+    was_training = block.training
+    try:
+        with torch.no_grad(), _forked_rng(x.device):
+            out = _run(block, params, x, True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        block.train(was_training)
+    only = (f"a dropout with p > 0 is fused only between the activation and {second} "
+            f"(FusedMLP's dropout), not after {second} or before {first}")
+    if len(calls) != 1:
+        raise NotFusable(f"its forward calls {name} = {dropout!r} {len(calls)} times in train mode, "
+                         f"not once: {only}")
+    hidden_in, hidden_out = calls[0]
+    hidden = reference.phi(activation)(F.linear(x, params[f"{first}.weight"], params.get(f"{first}.bias")))
+    if not _same_values(hidden_in, hidden):
+        raise NotFusable(f"{name} = {dropout!r} does not act on {activation}({first}(x)) in its "
+                         f"forward: {only}")
+    if hidden_out is None or not _same_values(out, F.linear(
+            hidden_out, params[f"{second}.weight"], params.get(f"{second}.bias"))):
+        raise NotFusable(f"its forward does not return {second}({name}(...)) in train mode: {only}")
+
+
 def fused_block(block: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = True) -> FusedMLP:
     """The FusedMLP equivalent to ``block`` (sharing its Linear modules under their
-    names), proven as ``fuse`` proves it; NotFusable (a ValueError) says why not."""
-    first, activation, second = _plan(block)
-    _verify(block, first, activation, second)
+    names; an nn.Dropout(p) between the activation and the second Linear becomes
+    ``dropout=p``), proven as ``fuse`` proves it; NotFusable (a ValueError) says why not."""
+    first, activation, second, dropout = _plan(block)
+    _verify(block, first, activation, second, dropout)
     fc1, fc2 = block._modules[first], block._modules[second]
+    p = float(block._modules[dropout].p) if dropout is not None else 0.0
     fused = FusedMLP.from_linears(fc1, fc2, activation, weight_decay=weight_decay,
-                                  save_hidden=save_hidden, names=(first, second))
+                                  save_hidden=save_hidden, dropout=p, names=(first, second))
     fused.train(block.training)
     return fused
 
@@ -297,7 +435,7 @@ def _plan_gated(block: nn.Module) -> Tuple[Tuple[str, str], str, str]:
     three Linear children, or NotFusable. Which of the two is the gate is left to
     the probe (_verify_gated): the shapes cannot tell."""
     linears = _linear_children(block)
-    activation = _plan_structure(block, linears)
+    activation, _ = _plan_structure(block, linears, hidden_dropout=False)
     for i, (down, layer) in enumerate(linears):
         pair = [(n, l) for j, (n, l) in enumerate(linears) if j != i]
         (na, la), (nb, lb) = pair
@@ -338,7 +476,8 @@ def _verify_gated(block: nn.Module, pair: Tuple[str, str], activation: str,
                                 params.get(f"{up}.bias"), params.get(f"{down}.bias"),
                                 activation=activation)
         try:
-            _probe(block, params, x, expected, f"{down}({activation}({gate}(x)) * {up}(x))")
+            _probe(block, params, x, lambda training, expected=expected: expected,
+                   f"{down}({activation}({gate}(x)) * {up}(x))")
         except NotFusable as e:
             failures.append(str(e))
         else:
@@ -361,11 +500,13 @@ def fused_gated_block(block: nn.Module, *, weight_decay: float = 0.0,
 
 
 def _sequential_runs(seq: nn.Sequential) -> bool:
-    """Whether a longer Sequential holds a Linear, activation, Linear run."""
+    """Whether a longer Sequential holds a Linear, activation, [Dropout,] Linear run."""
     items = list(seq)
-    for i in range(len(items) - 2):
-        if (isinstance(items[i], nn.Linear) and isinstance(items[i + 2], nn.Linear)
-                and not _has_state(items[i + 1])):
+    for i, item in enumerate(items):
+        between = 1 + (i + 2 < len(items) and isinstance(items[i + 2], _DROPOUTS))
+        if (isinstance(item, nn.Linear) and i + between + 1 < len(items)
+                and isinstance(items[i + between + 1], nn.Linear)
+                and not any(_has_state(m) for m in items[i + 1:i + between + 1])):
             return True
     return False
 
@@ -422,7 +563,8 @@ def fuse(model: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = Tru
                     done[id(child)] = fused
                     report.replaced.append(Replaced(
                         qualified, type(child).__name__, fused.activation, fused._linear_names,
-                        (fused.in_features, fused.hidden_features, fused.out_features)))
+                        (fused.in_features, fused.hidden_features, fused.out_features),
+                        fused.dropout))
                     continue
             elif isinstance(child, nn.Sequential) and _sequential_runs(child):
                 report.skipped.append(Skipped(

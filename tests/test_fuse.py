@@ -5,6 +5,7 @@ itself), and on blocks it must refuse. tests/test_fuse_libraries.py runs the rea
 libraries' models."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -42,12 +43,13 @@ class CLIPMLP(nn.Module):
 class TimmMlp(nn.Module):
     def __init__(self, d, h, act_layer=nn.GELU, drop=0.0, norm_layer=None, bias=True):
         super().__init__()
+        drop1, drop2 = drop if isinstance(drop, tuple) else (drop, drop)   # timm's to_2tuple
         self.fc1 = nn.Linear(d, h, bias=bias)
         self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = nn.Dropout(drop1)
         self.norm = norm_layer(h) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(h, d, bias=bias)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = nn.Dropout(drop2)
 
     def forward(self, x):
         x = self.fc1(x)
@@ -146,7 +148,7 @@ def test_fuse_replaces_what_it_can_prove_and_reports_the_rest():
     skipped = {s.name: s.reason for s in report.skipped}
     assert "differs from fc2(gelu(fc1(x)))" in skipped["4.mlp"]          # the residual
     assert "differs from fc2(gelu(fc1(x)))" in skipped["5.mlp"]          # ignores self.act
-    assert "not a no-op in training" in skipped["6.mlp"]
+    assert "has 2 dropouts with p > 0 (drop1, drop2)" in skipped["6.mlp"]
     assert "holds other modules with parameters or buffers (norm)" in skipped["7.mlp"]
     assert "holds other modules with parameters or buffers (activation_fn)" in skipped["8.mlp"]
     assert "self_attn" in skipped["9"] and "final_layer_norm" in skipped["9"]
@@ -345,3 +347,309 @@ def test_float32_and_cpu_half_types_are_fused():
     x = torch.randn(3, D).bfloat16()
     # bfloat16 rounding (2^-8 relative) of the same products, summed in another order.
     torch.testing.assert_close(half(x), original(x), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------
+# Blocks with a hidden-layer dropout: nn.Dropout(p) between the activation and the
+# second Linear becomes FusedMLP(dropout=p).
+
+P = 0.3
+
+
+class DropoutLayer(Layer):
+    """Layer with a dropout of its own after the block: a replacement that drew a
+    different number of random numbers would shift this mask too."""
+
+    def __init__(self, d, mlp):
+        super().__init__(d, mlp)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.drop(self.mlp(self.norm(x)))
+
+
+def _seeded(model, x, seed):
+    torch.manual_seed(seed)
+    return model(x)
+
+
+def _assert_same_training_step(model, reference_model, x, seed):
+    """The same output and gradients (input and parameters) under torch.manual_seed(seed)."""
+    x = x.detach().requires_grad_()
+    out = _seeded(model, x, seed)
+    expected = _seeded(reference_model, x, seed)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *model.parameters()], g)
+    expected_grads = torch.autograd.grad(expected, [x, *reference_model.parameters()], g)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("activation", mlp_ext.ACTIVATIONS)
+def test_a_sequential_with_dropout_is_fused_with_its_p(activation, bias):
+    torch.manual_seed(0)
+    act = [] if activation == "identity" else [mlp_ext.activations.activation_module(activation)]
+    block = nn.Sequential(nn.Linear(D, H, bias=bias), *act, nn.Dropout(P), nn.Linear(H, D, bias=bias))
+    model = nn.Sequential(DropoutLayer(D, block), nn.Linear(D, D)).double()
+    original = copy.deepcopy(model)
+    keys = model.state_dict().keys()
+    params = dict(model.named_parameters())
+    report = mlp_ext.fuse(model)
+
+    fc2 = str(len(act) + 2)
+    assert [(r.name, r.linears, r.activation, r.dropout) for r in report.replaced] == [
+        ("0.mlp", ("0", fc2), activation, P)]
+    assert f"0 -> {activation} -> dropout(p={P}) -> {fc2}" in str(report)
+    fused = model[0].mlp
+    assert isinstance(fused, FusedMLP) and fused.dropout == P and fused.training
+    assert model.state_dict().keys() == keys
+    assert all(p is params[k] for k, p in model.named_parameters())
+
+    x = torch.randn(4, 5, D, dtype=torch.float64)
+    for seed in (1, 2):   # train mode: the same masks under the same seed
+        _assert_same_training_step(model, original, x, seed)
+    hidden = torch.randn(4, D, dtype=torch.float64)
+    assert not torch.equal(_seeded(fused, hidden, 1), _seeded(fused, hidden, 2))   # dropout on
+    model.eval()
+    original.eval()
+    _assert_same_training_step(model, original, x, 1)
+    torch.testing.assert_close(_seeded(fused, hidden, 2), _seeded(fused, hidden, 1), rtol=0, atol=0)
+    model.train()
+    original.train()
+    _assert_same_training_step(model, original, x, 3)
+
+
+def test_a_block_fused_in_eval_mode_drops_when_the_model_trains_again():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        DropoutLayer(D, nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Dropout(P), nn.Linear(H, D)))
+    ).double().eval()
+    original = copy.deepcopy(model)
+    assert len(mlp_ext.fuse(model).replaced) == 1
+    assert not model[0].mlp.training
+    x = torch.randn(3, D, dtype=torch.float64)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+    model.train()
+    original.train()
+    assert model[0].mlp.training
+    _assert_same_training_step(model, original, x, 5)
+
+
+def test_an_inplace_dropout_is_the_same_math():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(D, H), nn.SiLU(), nn.Dropout(P, inplace=True), nn.Linear(H, D))
+    model = nn.Sequential(DropoutLayer(D, block)).double()
+    original = copy.deepcopy(model)
+    report = mlp_ext.fuse(model)
+    assert [r.dropout for r in report.replaced] == [P]
+    _assert_same_training_step(model, original, torch.randn(6, D, dtype=torch.float64), 7)
+    model.eval()
+    original.eval()
+    x = torch.randn(6, D, dtype=torch.float64)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_timm_mlp_with_drop1_is_fused_and_with_drop2_refused():
+    torch.manual_seed(0)
+    vit = nn.Sequential(
+        TimmBlock(D, H, mlp_layer=lambda d, h: TimmMlp(d, h, drop=(P, 0.0))),   # proj_drop on h only
+        TimmBlock(D, H, mlp_layer=lambda d, h: TimmMlp(d, h, drop=(0.0, P))),   # on the output only
+        TimmBlock(D, H, mlp_layer=lambda d, h: TimmMlp(d, h, drop=P)),          # timm's default: both
+    ).double()
+    original = copy.deepcopy(vit)
+    report = mlp_ext.fuse(vit)
+    assert [(r.name, r.block, r.linears, r.dropout) for r in report.replaced] == [
+        ("0.mlp", "TimmMlp", ("fc1", "fc2"), P)]
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert "drop2 = Dropout(p=0.3, inplace=False) does not act on gelu(fc1(x))" in skipped["1.mlp"]
+    assert "not after fc2" in skipped["1.mlp"]
+    assert "has 2 dropouts with p > 0 (drop1, drop2)" in skipped["2.mlp"]
+    assert isinstance(vit[0].mlp, FusedMLP) and type(vit[1].mlp) is TimmMlp
+    _assert_same_training_step(vit, original, torch.randn(2, 4, D, dtype=torch.float64), 11)
+    with pytest.raises(mlp_ext.NotFusable, match="drop2 .* does not act on gelu"):
+        mlp_ext.fused_block(original[1].mlp)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("p", [P, 1e-9])
+def test_the_dropouts_place_is_proven_whatever_the_mask(p, bias):
+    """Square blocks (the shapes cannot tell where the dropout is) with one dropout
+    before the first Linear or after the second: refused. With p = 1e-9 the probe's
+    mask drops nothing, and without a bias fc2(h) / (1 - p) equals fc2(h / (1 - p)) to
+    1e-9: only the check of what the dropout acts on tells them apart."""
+    def linear():
+        return nn.Linear(D, D, bias=bias)
+
+    before = nn.Sequential(nn.Dropout(p), linear(), nn.ReLU(), linear())
+    after = nn.Sequential(linear(), nn.ReLU(), linear(), nn.Dropout(p))
+    hidden = nn.Sequential(linear(), nn.ReLU(), nn.Dropout(p), linear())
+    with pytest.raises(mlp_ext.NotFusable, match=r"0 = Dropout.* does not act on relu\(1\(x\)\)"):
+        mlp_ext.fused_block(before.double())
+    with pytest.raises(mlp_ext.NotFusable, match=r"3 = Dropout.* does not act on relu\(0\(x\)\)"):
+        mlp_ext.fused_block(after.double())
+    assert mlp_ext.fused_block(hidden.double()).dropout == p
+
+
+class SharedDropout(nn.Module):
+    """One dropout module on the hidden layer and on the output."""
+
+    def __init__(self, d, h):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)
+        self.dropout = nn.Dropout(P)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class ScaledAfterDropout(SharedDropout):
+    def forward(self, x):
+        return self.fc2(self.dropout(self.act(self.fc1(x)))) * 2
+
+
+@pytest.mark.parametrize("block, reason", [
+    (nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Dropout(0.1), nn.Dropout(0.2), nn.Linear(H, D)),
+     r"has 2 dropouts with p > 0 \(2, 3\)"),
+    (SharedDropout(D, H), re.escape("calls dropout = Dropout(p=0.3, inplace=False) 2 times in train mode")),
+    (ScaledAfterDropout(D, H), r"does not return fc2\(dropout\(...\)\) in train mode"),
+    (nn.Sequential(nn.Linear(D, H), nn.Dropout(P), nn.GELU(), nn.Linear(H, D)),
+     r"does not act on gelu\(0\(x\)\)"),   # before the activation: other math for gelu
+], ids=["two", "called-twice", "scaled", "before-the-activation"])
+def test_blocks_whose_dropout_is_not_the_hidden_layers_are_refused(block, reason):
+    model = nn.ModuleDict({"mlp": block}).double()
+    report = mlp_ext.fuse(model)
+    assert report.replaced == [] and model["mlp"] is block
+    assert [s.name for s in report.skipped] == ["mlp"]
+    assert re.search(reason, report.skipped[0].reason), report.skipped[0].reason
+
+
+@pytest.mark.parametrize("kind", [nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                                  nn.FeatureAlphaDropout])
+def test_other_dropouts_with_p_are_refused(kind):
+    block = nn.Sequential(nn.Linear(D, H), nn.ReLU(), kind(P), nn.Linear(H, D))
+    with pytest.raises(mlp_ext.NotFusable, match=f"2 = {kind.__name__}.*only a plain nn.Dropout"):
+        mlp_ext.fused_block(block)
+
+
+def test_a_hook_on_the_dropout_is_not_bypassed():
+    block = TimmMlp(D, H, drop=(P, 0.0))
+    block.drop1.register_forward_hook(lambda *args: None)
+    with pytest.raises(mlp_ext.NotFusable, match=r"hooks the fused op would bypass \(drop1.forward_hooks\)"):
+        mlp_ext.fused_block(block)
+
+
+def test_fuse_leaves_the_callers_random_numbers_alone():
+    """The probe seeds generators for its dropout comparison inside fork_rng: the
+    caller's stream continues as if fuse had not run (refused blocks too)."""
+    model = nn.Sequential(
+        DropoutLayer(D, nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Dropout(P), nn.Linear(H, D))),
+        DropoutLayer(D, TimmMlp(D, H, drop=(0.0, P))),      # refused by the probe
+        DropoutLayer(D, TimmMlp(D, H, drop=(P, 0.0)))).double()
+    torch.manual_seed(123)
+    torch.rand(1)
+    state = torch.get_rng_state()
+    expected = torch.rand(8)
+    torch.set_rng_state(state)
+    report = mlp_ext.fuse(model)
+    assert len(report.replaced) == 2 and len(report.skipped) == 1
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.rand(8), expected)
+
+
+def test_a_dropout_in_a_longer_sequential_is_reported():
+    seq = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Dropout(P), nn.Linear(H, D), nn.Linear(D, D))
+    report = mlp_ext.fuse(nn.ModuleDict({"seq": seq}))
+    assert report.replaced == [] and "renumber the state_dict keys" in report.skipped[0].reason
+
+
+def test_dropout_blocks_on_every_device(device):
+    """On CUDA the op's mask is its own (Philox) draw, not nn.Dropout's: there fuse
+    proves the dropout's place by structure and compares outputs in eval mode only;
+    a dropout after fc2 is refused there too, and no generator is disturbed."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({
+        "hidden": nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Dropout(P), nn.Linear(H, D)),
+        "output": TimmMlp(D, H, drop=(0.0, P)),
+    }).to(device, torch.float64)
+    original = copy.deepcopy(model)
+    cuda_state = torch.cuda.get_rng_state() if device == "cuda" else None
+    report = mlp_ext.fuse(model)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    assert [(r.name, r.dropout) for r in report.replaced] == [("hidden", P)]
+    assert "drop2 = Dropout(p=0.3, inplace=False) does not act on gelu(fc1(x))" in report.skipped[0].reason
+    x = torch.randn(5, D, dtype=torch.float64, device=device)
+    model.eval()
+    original.eval()
+    without_dropout = model["hidden"](x)
+    torch.testing.assert_close(without_dropout, original["hidden"](x), rtol=1e-12, atol=1e-12)
+    model.train()
+    # Dropout is on again (0.7^50 is the chance that none of the 5 x 10 units drops).
+    assert not torch.equal(model["hidden"](x), without_dropout)
+
+
+@pytest.mark.parametrize("dtype, tol", [
+    # float32: unit roundoff 2^-24 per operation, a few dozen operations summed in
+    # another order than nn.Linear's (the scale 1 / (1 - p) adds one rounding).
+    (torch.float32, 1e-5),
+    # bfloat16: 2^-8 relative per stored value (z, h, o are stored in bfloat16).
+    (torch.bfloat16, 2e-2),
+])
+def test_low_precision_dropout_blocks_train_like_the_original(dtype, tol):
+    """The probe runs in float64; in the model's own dtype the op's CPU mask is
+    nn.Dropout's too: outputs differ by rounding only (a different mask would move
+    them by O(1))."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Dropout(P), nn.Linear(64, D))
+    model = nn.Sequential(DropoutLayer(D, block)).to(dtype)
+    original = copy.deepcopy(model)
+    assert [r.dropout for r in mlp_ext.fuse(model).replaced] == [P]
+    x = torch.randn(16, D).to(dtype)
+    out = _seeded(model, x, 3)
+    expected = _seeded(original, x, 3)
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    hidden = torch.randn(64, D).to(dtype)   # the blocks alone: 64 x 64 units, ~30% dropped
+    torch.testing.assert_close(_seeded(model[0].mlp, hidden, 4), _seeded(original[0].mlp, hidden, 4),
+                               rtol=tol, atol=tol)
+
+
+class FlattensToRows(SharedDropout):
+    def forward(self, x):
+        rows = self.dropout(self.act(self.fc1(x.reshape(-1, x.shape[-1]))))
+        return self.fc2(rows).reshape(*x.shape[:-1], -1)
+
+
+def test_a_forward_that_flattens_its_input_is_fused():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"mlp": FlattensToRows(D, H)}).double()
+    original = copy.deepcopy(model)
+    assert [r.dropout for r in mlp_ext.fuse(model).replaced] == [P]
+    _assert_same_training_step(model["mlp"], original["mlp"], torch.randn(2, 3, D, dtype=torch.float64), 9)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_decay_with_a_dropout_block(bias):
+    """fuse(model, weight_decay=lambda) on a dropout block: under one seed the fused
+    model's o and s give the gradients of J = L + lambda/2 (||W1||^2 + ||W2||^2) that
+    the original model gives with the L2 term written out."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(D, H, bias=bias), nn.Tanh(), nn.Dropout(P), nn.Linear(H, D, bias=bias))
+    model = nn.Sequential(DropoutLayer(D, block)).double()
+    original = copy.deepcopy(model)
+    assert [r.dropout for r in mlp_ext.fuse(model, weight_decay=0.1).replaced] == [P]
+    x = torch.randn(4, D, dtype=torch.float64)
+    g = torch.randn(4, D, dtype=torch.float64)
+    torch.manual_seed(8)
+    with mlp_ext.collect_penalty() as penalty:
+        loss = (model(x) * g).sum() + penalty.total()
+    torch.manual_seed(8)
+    w1, w2 = original[0].mlp[0].weight, original[0].mlp[3].weight
+    expected_loss = (original(x) * g).sum() + 0.1 / 2 * (w1.square().sum() + w2.square().sum())
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected_grads = torch.autograd.grad(expected_loss, list(original.parameters()))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)

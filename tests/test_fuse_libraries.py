@@ -1,7 +1,9 @@
 """mlp_ext.fuse on Hugging Face transformers' models, built from small configs (no
 download): CLIP (quick_gelu, the released checkpoints' activation), SigLIP
-(gelu_pytorch_tanh) and OPT, whose decoder layers hold fc1 / fc2 beside attention
-and norms and must be reported, not replaced.
+(gelu_pytorch_tanh), T5 (wi, act, dropout, wo: a hidden-layer dropout, fused as
+FusedMLP(dropout=p); T5 v1.1's gated block with that dropout is reported) and OPT,
+whose decoder layers hold fc1 / fc2 beside attention and norms and must be
+reported, not replaced.
 
 transformers does not depend on torch; scripts/env.sh installs it, so CI runs these.
 timm is not tested here: it needs torchvision, whose only Linux wheel for torch 2.13
@@ -130,3 +132,51 @@ def test_compiled_fused_clip():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     torch.testing.assert_close(output(compiled, inputs), output(reference, inputs), rtol=1e-12, atol=1e-12)
+
+
+def t5_encoder(feed_forward_proj="relu", dropout_rate=0.1):
+    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=24, num_layers=2,
+                                   num_heads=2, dropout_rate=dropout_rate,
+                                   feed_forward_proj=feed_forward_proj)
+    return transformers.T5EncoderModel(config), {"input_ids": torch.randint(2, 50, (2, 7))}
+
+
+def test_t5s_hidden_layer_dropout_is_fused_and_draws_the_same_masks():
+    """T5's DenseReluDense applies nn.Dropout(dropout_rate) between relu and wo; the
+    encoder has dropouts before and after it, so train-mode outputs equal under one
+    seed only if the fused op draws the same numbers as nn.Dropout (on the CPU)."""
+    torch.manual_seed(0)
+    model, inputs = t5_encoder()
+    model = model.double().train()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    report = mlp_ext.fuse(model)
+    assert [(r.name, r.linears, r.activation, r.dropout) for r in report.replaced] == [
+        (f"encoder.block.{i}.layer.1.DenseReluDense", ("wi", "wo"), "relu", 0.1) for i in range(2)]
+    assert report.skipped == []
+    assert list(model.state_dict()) == keys
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        out = output(model, inputs)
+        torch.manual_seed(seed)
+        expected = output(original, inputs)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, list(model.parameters()), g)
+        expected_grads = torch.autograd.grad(expected, list(original.parameters()), g)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    model.eval()
+    original.eval()
+    torch.testing.assert_close(output(model, inputs), output(original, inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_t5_v1_1s_gated_block_with_dropout_is_reported():
+    torch.manual_seed(0)
+    model, _ = t5_encoder("gated-gelu")
+    report = mlp_ext.fuse(model)
+    assert report.replaced == []
+    assert [s.name for s in report.skipped] == [
+        f"encoder.block.{i}.layer.1.DenseReluDense" for i in range(2)]
+    assert all("dropout = Dropout(p=0.1, inplace=False) is not a no-op in training" in s.reason
+               and "GatedFusedMLP has no dropout" in s.reason for s in report.skipped)
