@@ -64,7 +64,6 @@ order the probe confirms -- and replaced by ``GatedFusedMLP.from_linears`` under
 the block's own names (``fused_gated_block`` converts one block).
 """
 import dataclasses
-import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -73,7 +72,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .activations import resolve_activation
-from .functional import check_options, fused_mlp
+from .functional import check_module_options, fused_mlp
 from .gated import gated_mlp
 from .gated import GatedFusedMLP
 from .modules import FusedMLP
@@ -522,9 +521,7 @@ def fuse(model: nn.Module, *, weight_decay: float = 0.0, save_hidden: bool = Tru
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected model to be an nn.Module, but got {type(model).__name__}")
-    check_options("fuse", "identity", weight_decay, save_hidden)
-    if not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"fuse: expected weight_decay to be a finite number >= 0, but got {weight_decay}")
+    check_module_options("fuse", "identity", weight_decay, save_hidden)
     report = FuseReport()
     done: Dict[int, nn.Module] = {}   # a block shared by several parents is fused once
     seen = set()
