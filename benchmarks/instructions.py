@@ -5,6 +5,8 @@ For each shape it counts, with callgrind (valgrind runs a subprocess; only the
 statements are counted, not the set-up):
 
 * the training step of benchmarks/benchmark.py, eager (nn.Linear) and fused;
+* the fused loss step: the same step with the loss fused too
+  (mlp_ext.fused_mlp_loss on the fused module's parameters, cross-entropy);
 * the bare step (the loss and its backward with the MLP taken out);
 * inference (o = mlp(x) under no_grad), eager and fused;
 * the fused forward alone with grad on (the module call that builds the node;
@@ -27,6 +29,12 @@ difference between the statements:
   engine's per-node thread-local state);
 * rest: the step minus all of the above (the loss and the gradient reset, as
   in the bare step, which is also given).
+
+and the fused loss step's likewise: kernels (fused_mlp_loss_forward and
+_backward), autograd node (fused_mlp_loss_autograd minus its forward kernel),
+engine (its whole run minus the backward kernel: the step has no loss nodes
+of torch's, only the fused node and the AccumulateGrads), rest (the Python
+call and the gradient reset).
 
 With --calls it also counts ways of calling the op from Python under no_grad at
 the first shape (the OpOverload `.default` against the overload packet,
@@ -82,6 +90,17 @@ infer = dict(eager=b.inference(eager, x), fused=b.inference(fused, x))
 forward = lambda: fused.with_penalty(x)
 op_alone = b.operator_alone(fused, x, torch.Generator().manual_seed(2))
 w1, b1, w2, b2 = fused.params
+import mlp_ext
+
+def fused_loss_step():
+    for p in fused.params:
+        p.grad = None
+    J, o = mlp_ext.fused_mlp_loss(x, y, w1, w2, b1, b2, weight_decay={weight_decay!r},
+                                  loss="cross_entropy", return_output=True)
+    J.backward()
+    return J
+
+steps["fused loss"] = fused_loss_step
 packet = torch.ops.mlp_ext.fused_mlp
 default = packet.default
 for f in list(steps.values()) * 3 + [forward, op_alone] * 3:
@@ -94,6 +113,7 @@ with torch.no_grad():
 STATEMENTS = {
     "eager step": "steps['eager']()",
     "fused step": "steps['fused']()",
+    "fused loss step": "steps['fused loss']()",
     "bare step": "steps['bare']()",
     "eager inference": "with torch.no_grad(): infer['eager']()",
     "fused inference": "with torch.no_grad(): infer['fused']()",
@@ -118,6 +138,8 @@ CALLS = {
 # Inclusive counts of these functions (matched on the demangled name) give the phases.
 KERNELS = ("mlp_ext::fused_mlp_forward(", "mlp_ext::fused_mlp_backward(", "mlp_ext::fused_mlp_inference(")
 AUTOGRAD_FORWARD = "fused_mlp_autograd("
+LOSS_KERNELS = ("::fused_mlp_loss_forward(", "::fused_mlp_loss_backward(")
+LOSS_AUTOGRAD_FORWARD = "fused_mlp_loss_autograd("
 ENGINE = "torch::autograd::Engine::execute("
 
 
@@ -213,6 +235,16 @@ def phases(counts: dict) -> dict:
     phases["rest"] = step - sum(phases.values())
     result["fused step"]["phases"] = phases
     result["fused step"]["bare step engine"] = inc("bare step", ENGINE)
+    loss_step = result["fused loss step"]["instructions"]
+    loss_forward, loss_backward = (inc("fused loss step", LOSS_KERNELS[0]),
+                                   inc("fused loss step", LOSS_KERNELS[1]))
+    loss_phases = {
+        "kernels": loss_forward + loss_backward,
+        "autograd node": inc("fused loss step", LOSS_AUTOGRAD_FORWARD) - loss_forward,
+        "engine": inc("fused loss step", ENGINE) - loss_backward,
+    }
+    loss_phases["rest"] = loss_step - sum(loss_phases.values())
+    result["fused loss step"]["phases"] = loss_phases
     result["fused inference"]["phases"] = {
         "kernel": inc("fused inference", KERNELS[2]),
         "entry": result["fused inference"]["instructions"] - inc("fused inference", KERNELS[2]),
@@ -242,19 +274,30 @@ def main(argv=None) -> None:
               "dtype": "float32", "threads": 1, "shapes": {}}
     results = count_all([parse_shape(t) for t in args.shapes], args.activation, args.weight_decay,
                         args.number, args.calls)
-    print("| shape | eager step | fused step | bare step | eager/fused | kernels | python entry | node "
-          "| engine | rest | fused op | eager inf. | fused inf. (kernel) | eager/fused |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | eager step | fused step | fused loss step | bare step | eager/fused | kernels "
+          "| python entry | node | engine | rest | fused op | eager inf. | fused inf. (kernel) "
+          "| eager/fused |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for text, r in zip(args.shapes, results):
         report["shapes"][text] = r
         k = lambda name: r[name]["instructions"] / 1e3  # noqa: E731
         p = {key: v / 1e3 for key, v in r["fused step"]["phases"].items()}
         kernel = r["fused inference"]["phases"]["kernel"] / 1e3
-        print(f"| {text} | {k('eager step'):.0f}K | {k('fused step'):.0f}K | {k('bare step'):.0f}K "
+        print(f"| {text} | {k('eager step'):.0f}K | {k('fused step'):.0f}K "
+              f"| {k('fused loss step'):.0f}K | {k('bare step'):.0f}K "
               f"| {k('eager step') / k('fused step'):.2f} | {p['kernels']:.0f}K | {p['python entry']:.0f}K "
               f"| {p['autograd node']:.0f}K | {p['engine']:.0f}K | {p['rest']:.0f}K | {k('fused op'):.0f}K "
               f"| {k('eager inference'):.0f}K | {k('fused inference'):.0f}K ({kernel:.0f}K) "
               f"| {k('eager inference') / k('fused inference'):.2f} |", flush=True)
+    print("\nThe fused loss step (mlp_ext.fused_mlp_loss) by phase:\n\n"
+          "| shape | fused loss step | eager/fused loss | kernels | node | engine | rest |\n"
+          "|---|---|---|---|---|---|---|")
+    for text, r in zip(args.shapes, results):
+        step = r["fused loss step"]
+        p = {key: v / 1e3 for key, v in step["phases"].items()}
+        print(f"| {text} | {step['instructions'] / 1e3:.0f}K "
+              f"| {r['eager step']['instructions'] / step['instructions']:.2f} | {p['kernels']:.0f}K "
+              f"| {p['autograd node']:.0f}K | {p['engine']:.0f}K | {p['rest']:.0f}K |", flush=True)
     if args.calls:
         r = results[0]
         print(f"\nCalls of the op at {args.shapes[0]} under no_grad:\n\n| call | instructions |\n|---|---|")

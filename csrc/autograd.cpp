@@ -1,14 +1,13 @@
 // The autograd nodes of fused_mlp and fused_mlp_loss, and the two ops'
 // CompositeImplicitAutograd kernels that build them.
 //
-// The nodes are C++ (a plain torch::autograd::Node for fused_mlp, a
-// torch::autograd::Function for fused_mlp_loss), so a training step runs no
-// Python between the op call and the gradients. Each one's forward is one op
-// call (fused_mlp_forward, fused_mlp_loss_forward) and its backward one op call
-// (fused_mlp_backward, fused_mlp_loss_backward). Under create_graph=True the
-// backward instead differentiates the same function recomputed from
-// differentiable ATen ops, so second derivatives are exact; both nodes share
-// that path and the mask of the gradients their inputs need.
+// The nodes are C++ (plain torch::autograd::Nodes sharing a base, MLPNode), so
+// a training step runs no Python between the op call and the gradients. Each
+// one's forward is one op call (fused_mlp_forward, fused_mlp_loss_forward) and
+// its backward one op call (fused_mlp_backward, fused_mlp_loss_backward). Under
+// create_graph=True the backward instead differentiates the same function
+// recomputed from differentiable ATen ops, so second derivatives are exact;
+// both nodes share that path and the mask of the gradients their inputs need.
 #include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -27,7 +26,6 @@ namespace mlp_ext {
 
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
@@ -36,18 +34,6 @@ using GradientMask = std::array<bool, 5>;                       // of x, w1, w2,
 
 std::optional<Tensor> optional(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-}
-
-// Which of x, w1, w2, b1, b2 need a gradient. needs_input_grad counts only the
-// tensors given, in the forward's argument order: x at x_edge, w1 and w2 from
-// w1_edge on, then b1 and b2 where present (an absent b1 shifts b2).
-GradientMask gradient_mask(
-    AutogradContext* ctx, size_t x_edge, size_t w1_edge, bool has_b1, bool has_b2) {
-  const size_t b1_edge = w1_edge + 2, b2_edge = b1_edge + (has_b1 ? 1 : 0);
-  return {
-      ctx->needs_input_grad(x_edge), ctx->needs_input_grad(w1_edge),
-      ctx->needs_input_grad(w1_edge + 1), has_b1 && ctx->needs_input_grad(b1_edge),
-      has_b2 && ctx->needs_input_grad(b2_edge)};
 }
 
 bool any(const GradientMask& mask) {
@@ -167,57 +153,150 @@ auto make_node() {
   }
 }
 
-// The autograd node of fused_mlp: a plain torch::autograd::Node, not a
-// torch::autograd::Function. Function's generality (a variable list of the
+// A new NodeType whose next edges are those of `inputs`, in order (an absent
+// optional, or a tensor that does not require grad: an invalid edge), so that
+// output i of the node is the gradient of input i.
+template <typename NodeType, typename... Inputs>
+auto make_node_with_edges(const Inputs&... inputs) {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    // As Function::apply: functorch's transforms do not support C++ autograd nodes.
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
+  auto node = make_node<NodeType>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  return node;
+}
+
+// The autograd nodes are plain torch::autograd::Nodes, not
+// torch::autograd::Functions. Function's generality (a variable list of the
 // inputs, per-input and per-output metadata, the saved_data IValue dictionary,
 // the output wrapping for views, dirty and non-differentiable tensors, a
 // vector of saved variables) cost 13-18K instructions a training step more than
-// this node, which holds plain members instead (benchmarks/instructions.py:
-// node and engine 88K -> 75K at 1x16^3, 88K -> 70K at 64^4).
+// a node that holds plain members instead (benchmarks/instructions.py, fused
+// step: node and engine 88K -> 75K at 1x16^3, 88K -> 70K at 64^4; fused loss
+// step, with the ops called below autograd: 407K -> 340K at 1x16^3).
 //
-// Saved for backward: x, w1, w2, b1 (if given; read only for second
-// derivatives), and the intermediates z and h of the forward (z only when
-// save_hidden is false: the backward then recomputes h = phi(z)), and with
-// dropout > 0 the bool mask (one byte per hidden unit; h is saved with the mask
-// already applied, which is what dW2 reads). Not b2: no derivative reads it.
-// Its next edges are those of x, w1, w2, b1, b2 in that order (an absent bias:
-// an invalid edge), so that output i of the node is the gradient of input i.
-class FusedMLPBackward : public torch::autograd::Node {
+// MLPNode holds what the nodes of fused_mlp and fused_mlp_loss both save: x,
+// w1, w2, b1 (if given; read only for second derivatives), the intermediates z
+// and h of the forward (z only when save_hidden is false: the backward then
+// recomputes h = phi(z)), with dropout > 0 the bool mask (one byte per hidden
+// unit; h is saved with the mask already applied, which is what dW2 reads),
+// and the forward's options. Saved-tensor hooks see the tensors in the order
+// they are saved: the order of Function::save_for_backward's list before.
+class MLPNode : public torch::autograd::Node {
  public:
-  std::string name() const override {
-    return "FusedMLPBackward";
-  }
-
   void release_variables() override {
     for (SavedVariable* v : {&x_, &w1_, &w2_, &b1_, &z_, &h_, &dropout_mask_}) {
       v->reset_data();
     }
   }
 
+  // Saves x, w1, w2, b1 (if given), z and h (if save_hidden), in that order.
+  void save_forward(
+      const Tensor& x,
+      const Tensor& w1,
+      const Tensor& w2,
+      const std::optional<Tensor>& b1,
+      const Tensor& z,
+      const Tensor& h,
+      bool save_hidden) {
+    x_ = SavedVariable(x, /*is_output=*/false);
+    w1_ = SavedVariable(w1, false);
+    w2_ = SavedVariable(w2, false);
+    if (b1) {
+      b1_ = SavedVariable(*b1, false);
+    }
+    z_ = SavedVariable(z, false);
+    if (save_hidden) {
+      h_ = SavedVariable(h, false);
+    }
+  }
+
+  // Saves the dropout mask (with dropout > 0) and the options.
+  void save_dropout_and_options(
+      const Tensor& mask, c10::string_view activation, double weight_decay, double dropout) {
+    if (dropout > 0) {
+      dropout_mask_ = SavedVariable(mask, false);
+    }
+    activation_ = parse_activation(activation);  // checked by the forward op already
+    weight_decay_ = weight_decay;
+    dropout_ = dropout;
+  }
+
+ protected:
+  // Which of x, w1, w2, b1, b2 need a gradient: x is the node's output 0, w1 its
+  // output w1_output, then w2, b1, b2 (an absent bias has an invalid edge).
+  GradientMask gradient_mask(size_t w1_output) const {
+    return {
+        should_compute_output(0), should_compute_output(w1_output),
+        should_compute_output(w1_output + 1), should_compute_output(w1_output + 2),
+        should_compute_output(w1_output + 3)};
+  }
+
+  // The node's outputs (one per next edge): the gradients of x, w1, w2, b1, b2
+  // at 0 and from w1_output on, as gradient_mask.
+  variable_list outputs(BackwardResult&& grads, size_t w1_output) const {
+    variable_list result(num_outputs());
+    result[0] = std::move(std::get<0>(grads));
+    result[w1_output] = std::move(std::get<1>(grads));
+    result[w1_output + 1] = std::move(std::get<2>(grads));
+    result[w1_output + 2] = std::move(std::get<3>(grads));
+    result[w1_output + 3] = std::move(std::get<4>(grads));
+    return result;
+  }
+
+  struct Unpacked {
+    Tensor x, w1, w2, b1, z, h, dropout_mask;
+  };
+
+  // Every saved tensor of MLPNode's, unpacked once (each unpack runs the
+  // saved-tensor hooks and the check for in-place edits).
+  Unpacked unpack_forward() const {
+    return {x_.unpack(), w1_.unpack(), w2_.unpack(), b1_.unpack(),
+            z_.unpack(), h_.unpack(), dropout_mask_.unpack()};
+  }
+
+  // o and s recomputed from differentiable ATen ops (recompute_forward), b2 given or not.
+  std::tuple<Tensor, Tensor> recompute(const Unpacked& saved, const Tensor& b2) const {
+    return recompute_forward(
+        saved.x, saved.w1, saved.w2, saved.b1, b2, activation_name(activation_), weight_decay_,
+        dropout_factor(saved.dropout_mask, dropout_, saved.x.scalar_type()));
+  }
+
+  SavedVariable x_, w1_, w2_, b1_, z_, h_, dropout_mask_;
+  Activation activation_ = Activation::Relu;
+  double weight_decay_ = 0;
+  double dropout_ = 0;
+};
+
+// The autograd node of fused_mlp: MLPNode's tensors (not b2: no derivative
+// reads it). Its next edges are those of x, w1, w2, b1, b2.
+class FusedMLPBackward : public MLPNode {
+ public:
+  static constexpr size_t kW1Output = 1;
+
+  std::string name() const override {
+    return "FusedMLPBackward";
+  }
+
   variable_list apply(variable_list&& grads) override {
     // As CppNode::apply: a node may be run from several threads at once.
     std::lock_guard<std::mutex> lock(mutex_);
-    const GradientMask mask = {
-        should_compute_output(kX), should_compute_output(kW1), should_compute_output(kW2),
-        should_compute_output(kB1), should_compute_output(kB2)};
+    const GradientMask mask = gradient_mask(kW1Output);
     const Tensor &grad_o = grads[0], &grad_s = grads[1];
-    variable_list result(kB2 + 1);
     if (!any(mask) || (!grad_o.defined() && !grad_s.defined())) {
-      return result;
+      return variable_list(num_outputs());
     }
-    const Tensor x = x_.unpack(), w1 = w1_.unpack(), w2 = w2_.unpack(), b1 = b1_.unpack();
-    const Tensor z = z_.unpack(), h = h_.unpack(), dropout_mask = dropout_mask_.unpack();
-    const std::string_view activation = activation_name(activation_);
+    const Unpacked saved = unpack_forward();
+    const Tensor &x = saved.x, &w1 = saved.w1, &w2 = saved.w2;
     Tensor dx, dw1, dw2, db1, db2;
     if (at::GradMode::is_enabled()) {
       // o without b2 (it shifts o only); db2 = the row sums of grad_o.
-      const auto [o, s] = recompute_forward(
-          x, w1, w2, b1, Tensor(), activation, weight_decay_,
-          dropout_factor(dropout_mask, dropout_, x.scalar_type()));
+      const auto [o, s] = recompute(saved, Tensor());
       GradientMask without_b2 = mask;
       without_b2[kB2] = false;
       std::tie(dx, dw1, dw2, db1, std::ignore) = differentiable_gradients(
-          {{o, grad_o}, {s, grad_s}}, {x, w1, w2, b1, Tensor()}, without_b2);
+          {{o, grad_o}, {s, grad_s}}, {x, w1, w2, saved.b1, Tensor()}, without_b2);
       if (mask[kB2] && grad_o.defined()) {
         db2 = grad_o.reshape({-1, w2.size(0)}).sum(0);
       }
@@ -226,22 +305,16 @@ class FusedMLPBackward : public torch::autograd::Node {
       // the device kernel instead of through the (boxed) autograd fallback.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(dx, dw1, dw2, db1, db2) = backward_op().call(
-          grad_o, optional(grad_s), x, w1, w2, z, optional(h), activation, weight_decay_, mask,
-          optional(dropout_mask), dropout_);
+          grad_o, optional(grad_s), x, w1, w2, saved.z, optional(saved.h),
+          activation_name(activation_), weight_decay_, mask, optional(saved.dropout_mask),
+          dropout_);
     } else if (weight_decay_ != 0) {
       // Only s reached the loss: its gradient g_s * weight_decay * W.
       dw1 = mask[kW1] ? w1 * (grad_s * weight_decay_) : Tensor();
       dw2 = mask[kW2] ? w2 * (grad_s * weight_decay_) : Tensor();
     }
-    result[kX] = std::move(dx), result[kW1] = std::move(dw1), result[kW2] = std::move(dw2);
-    result[kB1] = std::move(db1), result[kB2] = std::move(db2);
-    return result;
+    return outputs({dx, dw1, dw2, db1, db2}, kW1Output);
   }
-
-  SavedVariable x_, w1_, w2_, b1_, z_, h_, dropout_mask_;
-  Activation activation_ = Activation::Relu;
-  double weight_decay_ = 0;
-  double dropout_ = 0;
 };
 
 // fused_mlp with autograd: the forward op, then one FusedMLPBackward node as
@@ -257,10 +330,7 @@ std::tuple<Tensor, Tensor> fused_mlp_with_node(
     double weight_decay,
     bool save_hidden,
     double dropout) {
-  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
-    // As Function::apply: functorch's transforms do not support C++ autograd nodes.
-    functorch_tls->checkSupportsCppAutogradFunction();
-  }
+  auto node = make_node_with_edges<FusedMLPBackward>(x, w1, w2, b1, b2);
   Tensor o, s, z, h, mask;
   {
     // Below autograd: the forward kernel records nothing itself.
@@ -268,26 +338,8 @@ std::tuple<Tensor, Tensor> fused_mlp_with_node(
     std::tie(o, s, z, h, mask) =
         forward_op().call(x, w1, w2, b1, b2, activation, weight_decay, dropout);
   }
-  auto node = make_node<FusedMLPBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(x, w1, w2, b1, b2));
-  // In the order of Function::save_for_backward's list before (saved-tensor
-  // hooks see them in this order).
-  node->x_ = SavedVariable(x, /*is_output=*/false);
-  node->w1_ = SavedVariable(w1, false);
-  node->w2_ = SavedVariable(w2, false);
-  if (b1) {
-    node->b1_ = SavedVariable(*b1, false);
-  }
-  node->z_ = SavedVariable(z, false);
-  if (save_hidden) {
-    node->h_ = SavedVariable(h, false);
-  }
-  if (dropout > 0) {
-    node->dropout_mask_ = SavedVariable(mask, false);
-  }
-  node->activation_ = parse_activation(activation);  // checked by the forward op already
-  node->weight_decay_ = weight_decay;
-  node->dropout_ = dropout;
+  node->save_forward(x, w1, w2, b1, z, h, save_hidden);
+  node->save_dropout_and_options(mask, activation, weight_decay, dropout);
   torch::autograd::set_history(o, node);
   torch::autograd::set_history(s, node);
   return {std::move(o), std::move(s)};
@@ -317,76 +369,96 @@ std::tuple<Tensor, Tensor> fused_mlp_autograd(
   return fused_mlp_with_node(x, w1, w2, b1, b2, activation, weight_decay, save_hidden, dropout);
 }
 
-// Saved for backward: dL/do, x, w1, w2, b1 (if given), z and h (h only with
-// save_hidden); target and b2 too, read only for second derivatives; the dropout
-// mask with dropout > 0. o is not saved: dL/do replaces it.
-class FusedMLPLossFunction : public torch::autograd::Function<FusedMLPLossFunction> {
+// The autograd node of fused_mlp_loss. Saved for backward, in this order:
+// dL/do, MLPNode's x, w1, w2, b1, z, h, then target and b2 (read only for
+// second derivatives), then the dropout mask. o is not saved: dL/do replaces
+// it. Its next edges are those of x, target, w1, w2, b1, b2 (the op's input
+// order; target's is always invalid: it never gets a gradient).
+class FusedMLPLossBackward : public MLPNode {
  public:
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& x,
-      const Tensor& target,
-      const Tensor& w1,
-      const Tensor& w2,
-      const std::optional<Tensor>& b1,
-      const std::optional<Tensor>& b2,
-      c10::string_view activation,
-      double weight_decay,
-      c10::string_view loss,
-      c10::string_view reduction,
-      bool save_hidden,
-      double dropout) {
-    auto [objective, o, dloss_do, z, h, mask] = loss_forward_op().call(
-        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
-        /*keep_gradient=*/true, dropout);
-    ctx->save_for_backward(
-        {dloss_do, x, w1, w2, b1.value_or(Tensor()), z, save_hidden ? h : Tensor(), target,
-         b2.value_or(Tensor()), dropout > 0 ? mask : Tensor()});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["weight_decay"] = weight_decay;
-    ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["loss"] = std::string(loss);
-    ctx->saved_data["reduction"] = std::string(reduction);
-    ctx->set_materialize_grads(false);
-    return {objective, o};
+  static constexpr size_t kW1Output = 2;
+
+  std::string name() const override {
+    return "FusedMLPLossBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &dloss_do = saved[0], &x = saved[1], &w1 = saved[2], &w2 = saved[3];
-    const Tensor &b1 = saved[4], &z = saved[5], &h = saved[6], &target = saved[7];
-    const Tensor &b2 = saved[8], &dropout_mask = saved[9];
-    const std::string& activation = ctx->saved_data["activation"].toStringRef();
-    const double weight_decay = ctx->saved_data["weight_decay"].toDouble();
-    const double dropout = ctx->saved_data["dropout"].toDouble();
-    const Tensor &grad_J = grads[0], &grad_o = grads[1];
-    const GradientMask mask = gradient_mask(ctx, 0, 2, b1.defined(), b2.defined());
-    variable_list result(12);  // one per forward argument (target gets none)
-    if (!any(mask) || (!grad_J.defined() && !grad_o.defined())) {
-      return result;
+  void release_variables() override {
+    MLPNode::release_variables();
+    for (SavedVariable* v : {&dloss_do_, &target_, &b2_}) {
+      v->reset_data();
     }
-    Tensor dx, dw1, dw2, db1, db2;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // as FusedMLPBackward
+    const GradientMask mask = gradient_mask(kW1Output);
+    const Tensor &grad_J = grads[0], &grad_o = grads[1];
+    if (!any(mask) || (!grad_J.defined() && !grad_o.defined())) {
+      return variable_list(num_outputs());
+    }
+    const Tensor dloss_do = dloss_do_.unpack();
+    const Unpacked saved = unpack_forward();
+    const Tensor target = target_.unpack(), b2 = b2_.unpack();
     if (at::GradMode::is_enabled()) {
-      const auto [o, s] = recompute_forward(
-          x, w1, w2, b1, b2, activation, weight_decay,
-          dropout_factor(dropout_mask, dropout, x.scalar_type()));
-      Tensor objective = differentiable_loss(
-          o, target, ctx->saved_data["loss"].toStringRef(),
-          ctx->saved_data["reduction"].toStringRef());
+      const auto [o, s] = recompute(saved, b2);
+      Tensor objective = differentiable_loss(o, target, loss_, reduction_);
       if (s.defined()) {
         objective = objective + s;
       }
-      std::tie(dx, dw1, dw2, db1, db2) = differentiable_gradients(
-          {{objective, grad_J}, {o, grad_o}}, {x, w1, w2, b1, b2}, mask);
-    } else {
-      std::tie(dx, dw1, dw2, db1, db2) = loss_backward_op().call(
-          optional(grad_J), optional(grad_o), dloss_do, x, w1, w2, z, optional(h), activation,
-          weight_decay, mask, optional(dropout_mask), dropout);
+      return outputs(
+          differentiable_gradients(
+              {{objective, grad_J}, {o, grad_o}}, {saved.x, saved.w1, saved.w2, saved.b1, b2},
+              mask),
+          kW1Output);
     }
-    result[0] = dx, result[2] = dw1, result[3] = dw2, result[4] = db1, result[5] = db2;
-    return result;
+    // As FusedMLPBackward: straight to the op's kernel, not through the autograd fallback.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return outputs(
+        loss_backward_op().call(
+            optional(grad_J), optional(grad_o), dloss_do, saved.x, saved.w1, saved.w2, saved.z,
+            optional(saved.h), activation_name(activation_), weight_decay_, mask,
+            optional(saved.dropout_mask), dropout_),
+        kW1Output);
   }
+
+  SavedVariable dloss_do_, target_, b2_;
+  std::string loss_, reduction_;  // for second derivatives (differentiable_loss)
 };
+
+std::tuple<Tensor, Tensor> fused_mlp_loss_with_node(
+    const Tensor& x,
+    const Tensor& target,
+    const Tensor& w1,
+    const Tensor& w2,
+    const std::optional<Tensor>& b1,
+    const std::optional<Tensor>& b2,
+    c10::string_view activation,
+    double weight_decay,
+    c10::string_view loss,
+    c10::string_view reduction,
+    bool save_hidden,
+    double dropout) {
+  auto node = make_node_with_edges<FusedMLPLossBackward>(x, target, w1, w2, b1, b2);
+  Tensor objective, o, dloss_do, z, h, mask;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as fused_mlp_with_node
+    std::tie(objective, o, dloss_do, z, h, mask) = loss_forward_op().call(
+        x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
+        /*keep_gradient=*/true, dropout);
+  }
+  node->dloss_do_ = SavedVariable(dloss_do, /*is_output=*/false);
+  node->save_forward(x, w1, w2, b1, z, h, save_hidden);
+  node->target_ = SavedVariable(target, false);
+  if (b2) {
+    node->b2_ = SavedVariable(*b2, false);
+  }
+  node->save_dropout_and_options(mask, activation, weight_decay, dropout);
+  node->loss_ = std::string(loss);
+  node->reduction_ = std::string(reduction);
+  torch::autograd::set_history(objective, node);
+  torch::autograd::set_history(o, node);
+  return {std::move(objective), std::move(o)};
+}
 
 std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
     const Tensor& x,
@@ -410,17 +482,22 @@ std::tuple<Tensor, Tensor> fused_mlp_loss_autograd(
       "fused_mlp_loss: gradients with respect to target are not supported (target requires "
       "grad); detach it, or use fused_mlp with torch's loss");
   const Tensor* inputs[] = {&x, &w1, &w2, b1 ? &*b1 : nullptr, b2 ? &*b2 : nullptr};
-  if (!requires_grad(inputs) && !forward_gradient(inputs)) {
+  const Tensor* with_target[] = {&x, &target, &w1, &w2, inputs[3], inputs[4]};
+  if (forward_gradient(with_target)) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false,
+        "fused_mlp_loss: forward-mode AD is not implemented (no jvp); an input has a tangent");
+  }
+  if (!requires_grad(inputs)) {
     // No gradient to come (evaluation): the forward op alone, without forming dL/do.
     auto result = loss_forward_op().call(
         x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction,
         /*keep_gradient=*/false, dropout);
     return {std::get<0>(result), std::get<1>(result)};
   }
-  auto outputs = FusedMLPLossFunction::apply(
+  return fused_mlp_loss_with_node(
       x, target, w1, w2, b1, b2, activation, weight_decay, loss, reduction, save_hidden,
       dropout);
-  return {outputs[0], outputs[1]};
 }
 
 }  // namespace

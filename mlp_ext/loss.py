@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .functional import check_dropout, check_options, check_tensor, register_dtensor_rules
+from .functional import check_dropout, check_options, check_tensor, op_options, register_dtensor_rules
 
 LOSSES = ("cross_entropy", "mse")
 REDUCTIONS = ("mean", "sum")
@@ -72,8 +72,14 @@ def fused_mlp_loss(
                         f"{type(return_output).__name__}")
     if type(w1) is not Tensor and type(w1) is not Parameter:
         register_dtensor_rules(w1)
-    objective, o = _fused_mlp_loss(
-        x, target, w1, w2, b1, b2, activation=activation, weight_decay=float(weight_decay),
-        loss=loss, reduction=reduction, save_hidden=save_hidden,
-        dropout=float(dropout) if training else 0.0)
+    # Only the options that differ from the op's schema defaults (csrc/ops.cpp; the
+    # same as fused_mlp's for the four op_options knows): each keyword costs the
+    # boxed call ~4-7K instructions (benchmarks/instructions.py).
+    options = op_options(activation, float(weight_decay), save_hidden,
+                         float(dropout) if training else 0.0)
+    if loss != "cross_entropy":
+        options["loss"] = loss
+    if reduction != "mean":
+        options["reduction"] = reduction
+    objective, o = _fused_mlp_loss(x, target, w1, w2, b1, b2, **options)
     return (objective, o) if return_output else objective

@@ -324,3 +324,157 @@ def test_one_bias_only(which):
     J_ref, _ = composition(x, target, w1, w2, b1, b2, activation="tanh", weight_decay=0.1)
     for a, b in zip(torch.autograd.grad(J, inputs), torch.autograd.grad(J_ref, inputs)):
         torch.testing.assert_close(a, b)
+
+
+# --- the autograd node (csrc/autograd.cpp, FusedMLPLossBackward) ------------------------
+
+BIASES = {"both": (True, True), "b1 only": (True, False), "b2 only": (False, True),
+          "none": (False, False)}
+
+
+def _with_biases(which, **kwargs):
+    """make_inputs with the biases `which` names (the others None)."""
+    x, w1, w2, b1, b2 = make_inputs(**kwargs)
+    has_b1, has_b2 = BIASES[which]
+    return x, w1, w2, b1 if has_b1 else None, b2 if has_b2 else None
+
+
+@pytest.mark.parametrize("which", BIASES)
+def test_one_node_whose_next_functions_follow_the_inputs(which):
+    """J and o share one node; its next edges are those of x, target, w1, w2, b1, b2 in
+    that order (target's and an absent bias's: None), so output i is input i's gradient."""
+    x0, w1, w2, b1, b2 = _with_biases(which)
+    x = x0 * 2  # not a leaf: its edge is its grad_fn
+    target = make_target("indices", (5,), 3)
+    J, o = mlp_ext.fused_mlp_loss(x, target, w1, w2, b1, b2, return_output=True)
+    node = J.grad_fn
+    assert o.grad_fn is node and node.name() == "FusedMLPLossBackward"
+    edges = node.next_functions
+    assert len(edges) == 6 and edges[0] == (x.grad_fn, 0) and edges[1] == (None, 0)
+    for (fn, nr), leaf in zip(edges[2:], (w1, w2, b1, b2)):
+        if leaf is None:
+            assert fn is None
+        else:
+            assert fn.name() == "torch::autograd::AccumulateGrad" and fn.variable is leaf and nr == 0
+
+
+@pytest.mark.parametrize("which", BIASES)
+def test_saved_tensor_hooks_see_the_saved_tensors_in_order(which):
+    """Pack order dL/do, x, w1, w2, b1, z, h, y, b2, mask (mlp_ext.memory.saved_for_backward,
+    with dropout); an absent bias is not packed; each saved tensor unpacked once by backward."""
+    x, w1, w2, b1, b2 = _with_biases(which, batch_shape=(6,), dtype=torch.float32)
+    target = make_target("indices", (6,), 3)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t)
+        return len(packed) - 1
+
+    def unpack(i):
+        unpacked.append(i)
+        return packed[i]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        J = mlp_ext.fused_mlp_loss(x, target, w1, w2, b1, b2, dropout=0.5)
+    names = ["dL/do", "x", "W1", "W2"] + (["b1"] if b1 is not None else []) + ["z", "h", "y"] \
+        + (["b2"] if b2 is not None else []) + ["mask"]
+    assert len(packed) == len(names)
+    references = {"x": x, "W1": w1, "W2": w2, "b1": b1, "y": target, "b2": b2}
+    for t, name in zip(packed, names):
+        if name in references:
+            assert t is references[name], name
+    assert packed[-1].dtype == torch.bool and packed[0].shape == (6, 3)
+    J.backward()
+    assert sorted(unpacked) == list(range(len(packed)))
+
+
+def test_saved_tensors_are_released_after_backward():
+    """backward frees what the node saved: a second backward raises torch's error, unless
+    the first kept the graph (retain_graph=True), when it gives the same gradients."""
+    inputs = make_inputs()
+    target = make_target("indices", (5,), 3)
+    J = mlp_ext.fused_mlp_loss(inputs[0], target, *inputs[1:], weight_decay=0.1)
+    first = torch.autograd.grad(J, inputs, retain_graph=True)
+    second = torch.autograd.grad(J, inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(J, inputs)
+
+
+@pytest.mark.parametrize("needed", ["x", "w1", "w2", "b1", "b2", "w2 b2", "x b1"])
+def test_gradients_of_only_the_inputs_that_require_grad(needed):
+    """Each subset of the inputs requiring grad gets the composition's gradients; the
+    others none (the node asks the backward op for the needed ones only)."""
+    inputs = [t.detach() for t in make_inputs()]
+    names = ["x", "w1", "w2", "b1", "b2"]
+    for name, t in zip(names, inputs):
+        t.requires_grad_(name in needed.split())
+    target = make_target("probabilities", (5,), 3)
+    chosen = [t for t in inputs if t.requires_grad]
+    J = mlp_ext.fused_mlp_loss(inputs[0], target, *inputs[1:], activation="tanh",
+                               weight_decay=0.1)
+    J_ref, _ = composition(inputs[0], target, *inputs[1:], activation="tanh", weight_decay=0.1)
+    for a, b in zip(torch.autograd.grad(J, chosen), torch.autograd.grad(J_ref, chosen)):
+        torch.testing.assert_close(a, b)
+    J = mlp_ext.fused_mlp_loss(inputs[0], target, *inputs[1:])
+    J.backward()
+    assert all((t.grad is not None) == t.requires_grad for t in inputs)
+
+
+def test_in_place_edit_of_a_saved_input_raises_at_backward():
+    x, w1, w2, b1, b2 = make_inputs()
+    target = make_target("indices", (5,), 3)
+    J = mlp_ext.fused_mlp_loss(x, target, w1, w2, b1, b2)
+    with torch.no_grad():
+        w2.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        J.backward()
+
+
+def test_backward_from_several_threads_at_once():
+    """The node locks its mutex in apply (as FusedMLPBackward): concurrent backward
+    passes through one retained graph give the same gradients."""
+    import threading
+
+    inputs = make_inputs(batch_shape=(64,), d=16, h=32, q=8)
+    target = make_target("indices", (64,), 8)
+    J = mlp_ext.fused_mlp_loss(inputs[0], target, *inputs[1:], weight_decay=0.1)
+    expected = torch.autograd.grad(J, inputs, retain_graph=True)
+    results = [None] * 4
+
+    def run(i):
+        results[i] = torch.autograd.grad(J, inputs, retain_graph=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for grads in results:
+        for a, b in zip(grads, expected):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")  # torch's forward_ad import
+@pytest.mark.parametrize("dual", ["x", "target"])
+def test_forward_mode_ad_raises_clearly(dual):
+    import torch.autograd.forward_ad as fwAD
+    x, w1, w2, b1, b2 = make_inputs(requires_grad=False)
+    target = make_target("values", (5,), 3)
+    with fwAD.dual_level():
+        if dual == "x":
+            x = fwAD.make_dual(x, torch.randn_like(x))
+        else:
+            target = fwAD.make_dual(target, torch.randn_like(target))
+        with pytest.raises(NotImplementedError,
+                           match="fused_mlp_loss: forward-mode AD is not implemented"):
+            mlp_ext.fused_mlp_loss(x, target, w1, w2, b1, b2, loss="mse")
+
+
+def test_functorch_transforms_are_refused():
+    """As for a torch::autograd::Function: functorch cannot see into a C++ node."""
+    x, w1, w2, b1, b2 = make_inputs(requires_grad=False)
+    target = make_target("indices", (5,), 3)
+    with pytest.raises(RuntimeError, match="functorch"):
+        torch.func.grad(lambda w: mlp_ext.fused_mlp_loss(x, target, w, w2, b1, b2))(w1)
