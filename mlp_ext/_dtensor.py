@@ -119,8 +119,9 @@ for _op, _keys in OP_STRATEGIES.items():
 _PLAN_ADVICE = {
     ("w1", "w2"): "Split the hidden layer with ColwiseParallel on fc1 and RowwiseParallel on fc2, "
                   "or replicate both",
-    ("w_gate", "w_up", "w_down"): "Split the hidden layer with ColwiseParallel on both gate_proj and "
-                                  "up_proj and RowwiseParallel on down_proj, or replicate all three",
+    ("w_gate", "w_up", "w_down"): "Split the hidden layer with ColwiseParallel on both the gate and the up "
+                                  "Linear (LLaMA's gate_proj, up_proj) and RowwiseParallel on down "
+                                  "(down_proj), or replicate all three",
 }
 
 

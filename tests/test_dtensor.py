@@ -323,7 +323,7 @@ def gated_tp_plan_matches_single_process(rank, world):
     """parallelize_module(GatedFusedMLP, mesh, LLaMA's plan): o, s, J and every
     gradient equal one process (float64), with and without biases, weight_decay
     0 and > 0, silu and gelu, an uneven split, a 3-D x, save_hidden=False and an
-    empty batch; and the unfused block under the same plan (even splits). One
+    empty batch; and o of the unfused block under the same plan (even splits). One
     all_reduce for o (one more for s) forward, one for dx backward; s through
     mlp_ext.collect_penalty; inference (no autograd) through the inference op."""
     mesh = init_device_mesh("cpu", (world,))
@@ -451,7 +451,7 @@ def gated_rules_on_dtensor_arguments(rank, world):
     # (DTensor re-raises the rule's ValueError as a RuntimeError, the message kept.)
     wrong = parallelize_module(copy.deepcopy(ref), mesh, {**GATED_TP_PLAN, "up_proj": RowwiseParallel()})
     with pytest.raises(RuntimeError, match=r"gated_mlp_forward on DTensors: .* but got w_gate Shard\(dim=0\), "
-                                           r"w_up Shard\(dim=1\) and w_down Shard\(dim=1\).*gate_proj and up_proj"):
+                                           r"w_up Shard\(dim=1\) and w_down Shard\(dim=1\).*gate_proj, up_proj"):
         wrong(x)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"gated_mlp_inference on DTensors: .* w_up Shard"):
         wrong(x)
