@@ -152,7 +152,11 @@ class GatedFusedMLP(nn.Module):
         gate, up, down = self._modules[gate_name], self._modules[up_name], self._modules[down_name]
         w_gate = _attribute(gate, "weight")
         if type(w_gate) is not Parameter and type(w_gate) is not Tensor and is_dtensor(w_gate):
-            raise NotImplementedError("GatedFusedMLP: DTensor weights are not supported")
+            # Tensor parallel (parallelize_module): DTensor weights (mlp_ext/_dtensor.py).
+            from ._dtensor import gated_mlp_module_forward
+            return gated_mlp_module_forward(self, x, w_gate, _attribute(up, "weight"), _attribute(down, "weight"),
+                                            _attribute(gate, "bias"), _attribute(up, "bias"),
+                                            _attribute(down, "bias"), return_penalty)
         collector = _penalty._ACTIVE[-1] if _penalty._ACTIVE and self.weight_decay else None
         if not isinstance(x, Tensor):
             check_tensor("gated_mlp", "x", x)

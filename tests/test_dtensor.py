@@ -10,6 +10,7 @@ steps included. A scenario that fails stops its rank; its traceback is shown
 by the test of that scenario.
 """
 import copy
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.testing import assert_close
@@ -118,6 +119,10 @@ def tp_plan_matches_single_process(rank, world):
         assert_close(J, J_ref, msg=lambda m: f"{where}: J\n{m}")
         assert_close(x.grad, x_ref.grad, msg=lambda m: f"{where}: dJ/dx\n{m}")
         assert_grads_match(tp, ref, where)
+        with mlp_ext.collect_penalty() as penalty:  # s collected as on plain weights
+            tp(x.detach())
+        assert len(penalty) == (1 if cfg["weight_decay"] else 0), (where, len(penalty))
+        assert_close(penalty.total(), s_ref.detach() if cfg["weight_decay"] else torch.zeros(()))
 
         # The unfused Sequential under the same plan: same o and gradients.
         # (Only for even splits: RowwiseParallel's DTensor.from_local takes
@@ -285,6 +290,211 @@ def tp_plan_training_steps(rank, world):
                 J_tp = J.detach()
         assert_close(J_tp, J.detach(), msg=lambda m: f"step {step}: J\n{m}")
     assert_params_match(tp, ref, "after 4 Adam steps")
+
+
+# ---------------------------------------------------------------------------
+# GatedFusedMLP (SwiGLU / GeGLU) under tensor parallel (world 2)
+# ---------------------------------------------------------------------------
+
+# LLaMA's plan for its MLP (transformers' base_model_tp_plan: gate_proj and
+# up_proj "colwise", down_proj "rowwise").
+GATED_TP_PLAN = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+
+
+def make_gated(seed, hidden, d=D, q=Q, **kwargs):
+    torch.manual_seed(seed)
+    return mlp_ext.GatedFusedMLP(d, hidden, q, dtype=DTYPE, **kwargs)
+
+
+class UnfusedGated(nn.Module):
+    """down(phi(gate(x)) * up(x)) from the same Linears (LlamaMLP's forward): the
+    plan's hooks run on each Linear, as in an unfused model."""
+
+    def __init__(self, fused):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (copy.deepcopy(m) for m in (fused.gate, fused.up, fused.down))
+        self.phi = {"silu": F.silu, "gelu": F.gelu}[fused.activation]
+
+    def forward(self, x):
+        return self.down_proj(self.phi(self.gate_proj(x)) * self.up_proj(x))
+
+
+def gated_tp_plan_matches_single_process(rank, world):
+    """parallelize_module(GatedFusedMLP, mesh, LLaMA's plan): o, s, J and every
+    gradient equal one process (float64), with and without biases, weight_decay
+    0 and > 0, silu and gelu, an uneven split, a 3-D x, save_hidden=False and an
+    empty batch; and o of the unfused block under the same plan (even splits). One
+    all_reduce for o (one more for s) forward, one for dx backward; s through
+    mlp_ext.collect_penalty; inference (no autograd) through the inference op."""
+    mesh = init_device_mesh("cpu", (world,))
+    configs = [
+        dict(hidden=6, activation="silu", bias=False, weight_decay=0.0, x_shape=(4, D)),
+        dict(hidden=7, activation="gelu", bias=True, weight_decay=0.1, x_shape=(2, 3, D)),  # uneven split
+        dict(hidden=4, activation="silu", bias=True, weight_decay=0.05, save_hidden=False, x_shape=(5, D)),
+        dict(hidden=5, activation="gelu", bias=False, weight_decay=0.2, x_shape=(0, D)),  # empty batch
+    ]
+    for seed, cfg in enumerate(configs):
+        cfg = dict(cfg)
+        x_shape = cfg.pop("x_shape")
+        ref = make_gated(300 + seed, **cfg)
+        unfused = parallelize_module(UnfusedGated(ref), mesh, GATED_TP_PLAN)
+        tp = parallelize_module(copy.deepcopy(ref), mesh, GATED_TP_PLAN)
+        assert tp.up_proj.weight.placements == (Shard(0),) and tp.down_proj.weight.placements == (Shard(1),)
+        x = randn(310 + seed, *x_shape).requires_grad_()
+        c = randn(320 + seed, *x_shape[:-1], Q)  # L = <c, o>: every o gets its own gradient
+        x_ref = x.detach().clone().requires_grad_()
+        where = f"gated config {cfg}"
+
+        with CommDebugMode() as forward:
+            o, s = tp(x, return_penalty=True)
+        assert not isinstance(o, DTensor) and not isinstance(s, DTensor), (where, type(o), type(s))
+        J = (c * o).sum() + s
+        with CommDebugMode() as backward:
+            J.backward()
+        o_ref, s_ref = ref(x_ref, return_penalty=True)
+        ((c * o_ref).sum() + s_ref).backward()
+        assert all_reduces(forward) == 2, (where, forward.get_comm_counts())  # o, s
+        assert all_reduces(backward) == 1, (where, backward.get_comm_counts())  # dx
+        assert_close(o, o_ref, msg=lambda m: f"{where}: o\n{m}")
+        assert_close(s, s_ref, msg=lambda m: f"{where}: s\n{m}")
+        assert_close(x.grad, x_ref.grad, msg=lambda m: f"{where}: dJ/dx\n{m}")
+        assert_grads_match(tp, ref, where)
+
+        # The penalty collector gets the reduced s (a plain tensor) of a call without return_penalty.
+        tp.zero_grad()
+        with mlp_ext.collect_penalty() as penalty:
+            o = tp(x.detach())
+        assert len(penalty) == (1 if cfg["weight_decay"] else 0), (where, len(penalty))
+        if cfg["weight_decay"]:
+            assert not isinstance(penalty.total(), DTensor)
+            assert_close(penalty.total(), s_ref, msg=lambda m: f"{where}: collected s\n{m}")
+        ((c * o).sum() + penalty.total()).backward()
+        assert_grads_match(tp, ref, f"{where}, s collected")
+
+        if cfg["hidden"] % world == 0:  # RowwiseParallel's from_local takes the shards as equal
+            o_unfused = unfused(x.detach())
+            assert_close(o, o_unfused, msg=lambda m: f"{where}: o against the unfused block\n{m}")
+
+        with torch.no_grad():
+            o, s = tp(x, return_penalty=True)
+        assert_close(o, o_ref.detach(), msg=lambda m: f"{where}: inference o\n{m}")
+        assert_close(s, s_ref.detach(), msg=lambda m: f"{where}: inference s\n{m}")
+
+    # A 2-layer model with the fused blocks trained with Adam stays equal to one process.
+    ref = nn.Sequential(make_gated(330, 6, d=D, q=D, weight_decay=0.01, bias=True),
+                        make_gated(331, 4, d=D, q=Q, activation="gelu"))
+    tp = copy.deepcopy(ref)
+    for block in tp:
+        parallelize_module(block, mesh, GATED_TP_PLAN)
+    opt_ref, opt_tp = (torch.optim.Adam(m.parameters(), lr=0.05) for m in (ref, tp))
+    for step in range(3):
+        x, y = randn(340 + step, 8, D), labels(step, 8)
+        for model, opt in ((tp, opt_tp), (ref, opt_ref)):
+            opt.zero_grad()
+            with mlp_ext.collect_penalty() as penalty:
+                o = model(x)
+            (F.cross_entropy(o, y) + penalty.total()).backward()
+            opt.step()
+    assert_params_match(tp, ref, "gated blocks after 3 Adam steps")
+
+
+def gated_rules_on_dtensor_arguments(rank, world):
+    """The gated ops on DTensors: the public op in each strategy (replicated;
+    batch-sharded x with replicated weights; the hidden split, a Replicate
+    b_down made b_down/n per rank by DTensor); the module on replicated weights
+    and a Shard(0) x (batch split, o a Shard(0) DTensor); and plans no rule
+    takes (up_proj rowwise, hidden < ranks) raise errors naming the weights."""
+    mesh = init_device_mesh("cpu", (world,))
+    ref = make_gated(350, 7, activation="gelu", bias=True, weight_decay=0.3)
+    names = ["gate_proj.weight", "up_proj.weight", "down_proj.weight",
+             "gate_proj.bias", "up_proj.bias", "down_proj.bias"]
+    params = [ref.get_parameter(n) for n in names]
+    x, c = randn(351, 6, D), randn(352, 6, Q)
+    o_ref, s_ref = mlp_ext.gated_mlp(x, *params, activation="gelu", weight_decay=0.3)
+    ((c * o_ref).sum() + s_ref).backward()
+    grads_ref = [p.grad for p in params]
+
+    S0, S1, R_ = Shard(0), Shard(1), Replicate()
+    layouts = {
+        "replicate": ([R_] * 6, R_, R_, R_),
+        "batch": ([R_] * 6, S0, S0, R_),
+        "hidden": ([S0, S0, S1, S0, S0, R_], R_, Partial(), Partial()),
+    }
+    for key, (placements, x_placement, o_placement, s_placement) in layouts.items():
+        ws = [distribute_tensor(p.detach(), mesh, [pl]).requires_grad_() for p, pl in zip(params, placements)]
+        xd = distribute_tensor(x, mesh, [x_placement]).requires_grad_()
+        o, s = mlp_ext.gated_mlp(xd, *ws, activation="gelu", weight_decay=0.3)
+        assert o.placements == (o_placement,) and s.placements == (s_placement,), (key, o.placements, s.placements)
+        assert_close(o.full_tensor(), o_ref.detach(), msg=lambda m: f"{key}: o\n{m}")
+        assert_close(s.full_tensor(), s_ref.detach(), msg=lambda m: f"{key}: s\n{m}")
+        J = (distribute_tensor(c, mesh, [S0 if key == "batch" else R_]) * o).sum() + s
+        J.backward()
+        for name, w, g in zip(names, ws, grads_ref):
+            assert_close(w.grad.full_tensor(), g, msg=lambda m: f"{key}: dJ/d{name}\n{m}")
+
+    # The module on replicated weights, x split by rows: the batch strategy.
+    batch = distribute_module(copy.deepcopy(ref), mesh)  # every parameter Replicate
+    ref.zero_grad()
+    x_ref = x.clone().requires_grad_()
+    o_ref, s_ref = ref(x_ref, return_penalty=True)
+    ((c * o_ref).sum() + s_ref).backward()
+    xd = distribute_tensor(x, mesh, [S0]).requires_grad_()
+    o, s = batch(xd, return_penalty=True)
+    assert o.placements == (S0,) and s.placements == (R_,), (o.placements, s.placements)
+    assert_close(o.full_tensor(), o_ref.detach(), msg=lambda m: f"batch module: o\n{m}")
+    assert_close(s.full_tensor(), s_ref.detach(), msg=lambda m: f"batch module: s\n{m}")
+    ((distribute_tensor(c, mesh, [S0]) * o).sum() + s).backward()
+    assert_close(xd.grad.full_tensor(), x_ref.grad, msg=lambda m: f"batch module: dJ/dx\n{m}")
+    assert_grads_match(batch, ref, "batch module")
+
+    # Plans no rule takes: an error naming the weights, not a silent all_gather.
+    # (DTensor re-raises the rule's ValueError as a RuntimeError, the message kept.)
+    wrong = parallelize_module(copy.deepcopy(ref), mesh, {**GATED_TP_PLAN, "up_proj": RowwiseParallel()})
+    with pytest.raises(RuntimeError, match=r"gated_mlp_forward on DTensors: .* but got w_gate Shard\(dim=0\), "
+                                           r"w_up Shard\(dim=1\) and w_down Shard\(dim=1\).*gate_proj, up_proj"):
+        wrong(x)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"gated_mlp_inference on DTensors: .* w_up Shard"):
+        wrong(x)
+    narrow = parallelize_module(make_gated(353, world - 1), mesh, GATED_TP_PLAN)  # fewer hidden units than ranks
+    with pytest.raises(RuntimeError, match=r"w_gate is split by hidden units .* only hidden_features = 1"):
+        narrow(x)
+
+
+def llama_mlp_fused_then_parallelized(rank, world):
+    """transformers' LlamaMLP, fused by mlp_ext.fuse, then parallelized with the
+    plan transformers declares for it (LlamaConfig.base_model_tp_plan's
+    layers.*.mlp entries, "colwise"/"rowwise" as PyTorch's styles): o and every
+    gradient equal the unfused LlamaMLP in one process."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    d = 8  # LlamaConfig checks that its attention heads divide hidden_size
+    config = transformers.LlamaConfig(hidden_size=d, intermediate_size=6, num_attention_heads=2,
+                                      num_key_value_heads=2, hidden_act="silu", mlp_bias=True)
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    prefix = "layers.*.mlp."
+    plan = {name[len(prefix):]: styles[style]() for name, style in config.base_model_tp_plan.items()
+            if name.startswith(prefix)}
+    assert set(plan) == {"gate_proj", "up_proj", "down_proj"}, config.base_model_tp_plan
+    torch.manual_seed(360)
+    llama = LlamaMLP(config).to(DTYPE)
+    holder = nn.Sequential(copy.deepcopy(llama))
+    report = mlp_ext.fuse(holder)
+    assert isinstance(holder[0], mlp_ext.GatedFusedMLP), report
+    mesh = init_device_mesh("cpu", (world,))
+    tp = parallelize_module(holder[0], mesh, plan)
+    assert tp.gate_proj.weight.device_mesh == mesh
+    x = randn(361, 2, 3, d)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    c = randn(362, 2, 3, d)
+    o = tp(x)
+    o_ref = llama(x_ref)
+    assert_close(o, o_ref.detach())
+    (c * o).sum().backward()
+    (c * o_ref).sum().backward()
+    assert_close(x.grad, x_ref.grad)
+    assert_grads_match(tp, llama, "LlamaMLP fused, then parallelized")
 
 
 # ---------------------------------------------------------------------------
@@ -489,15 +699,54 @@ def mesh_2d_trains_like_one_process(rank, world):
                            make_optimizer=lambda p: torch.optim.Adam(p, lr=0.02))
 
 
+class GatedBlocks(nn.Module):
+    """GatedFusedMLP blocks with residual connections and a gated head, their s
+    gathered by mlp_ext.collect_penalty (as a host model that calls mlp(x) would)."""
+
+    def __init__(self, seed, d=D, hidden=4, q=Q):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList([
+            mlp_ext.GatedFusedMLP(d, hidden, d, activation="silu", weight_decay=0.02, dtype=DTYPE),
+            mlp_ext.GatedFusedMLP(d, hidden + 2, d, activation="gelu", bias=True, weight_decay=0.01, dtype=DTYPE)])
+        self.head = mlp_ext.GatedFusedMLP(d, hidden, q, activation="silu", bias=True, dtype=DTYPE)
+
+    def forward(self, x):
+        with mlp_ext.collect_penalty() as penalty:
+            for block in self.blocks:
+                x = x + block(x)
+            o = self.head(x)
+        return o, penalty.total()
+
+
+def mesh_2d_gated_trains_like_one_process(rank, world):
+    """GatedFusedMLP blocks under LLaMA's plan over "tp", fully sharded over "dp":
+    the same losses, gradients and weights as one process."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    ref = GatedBlocks(120)
+    model = copy.deepcopy(ref)
+    for block in [*model.blocks, model.head]:
+        parallelize_module(block, mesh["tp"], GATED_TP_PLAN)
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    assert model.blocks[0].up_proj.weight.device_mesh.ndim == 2
+    dp_rank = mesh["dp"].get_local_rank()
+    train_like_one_process(model, ref, dp_rank, 2, 3, "gated, 2-D mesh", per_rank=2, group=mesh["dp"].get_group(),
+                           make_optimizer=lambda p: torch.optim.Adam(p, lr=0.02))
+
+
 # ---------------------------------------------------------------------------
 # The tests
 # ---------------------------------------------------------------------------
 
 SCENARIOS = {
     2: [tp_plan_matches_single_process, rules_on_dtensor_arguments, dropout_under_the_rules,
-        tp_plan_training_steps,
-        fsdp_trains_like_one_process, fsdp_checkpoint_round_trip],
-    4: [mesh_2d_trains_like_one_process],
+        tp_plan_training_steps, gated_tp_plan_matches_single_process, gated_rules_on_dtensor_arguments,
+        fsdp_trains_like_one_process, fsdp_checkpoint_round_trip,
+        # Last: it imports transformers, which CI installs (scripts/env.sh) and
+        # test_llama_mlp_fused_then_parallelized skips without.
+        *([llama_mlp_fused_then_parallelized] if importlib.util.find_spec("transformers") else [])],
+    4: [mesh_2d_trains_like_one_process, mesh_2d_gated_trains_like_one_process],
 }
 
 
@@ -513,7 +762,7 @@ def world4():
     return run_local(run_scenarios, 4, (SCENARIOS[4],), timeout=180, threads_per_rank=1)
 
 
-@pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS[2]])
+@pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS[2] if s is not llama_mlp_fused_then_parallelized])
 def test_two_ranks(world2, scenario):
     check_scenario(world2, scenario)
 
@@ -521,6 +770,11 @@ def test_two_ranks(world2, scenario):
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS[4]])
 def test_2d_mesh_four_ranks(world4, scenario):
     check_scenario(world4, scenario)
+
+
+def test_llama_mlp_fused_then_parallelized(world2):
+    pytest.importorskip("transformers")  # as tests/test_fuse_libraries.py
+    check_scenario(world2, llama_mlp_fused_then_parallelized.__name__)
 
 
 def test_plain_tensors_never_import_dtensor():
@@ -545,6 +799,19 @@ def test_every_tensor_of_every_op_has_a_placement():
     schemas): a tensor argument or output added to an op without a placement
     in every strategy fails here, by name, not on a user's first DTensor call."""
     from mlp_ext import _dtensor
+
+    # Every op DTensor can meet has rules: each op with a tensor in its schema
+    # except the public ones, whose CompositeImplicitAutograd kernels call the
+    # others (DTensor never sees them).
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("mlp_ext::"):
+            continue
+        op_name = name.split("::", 1)[1]
+        schema = getattr(torch.ops.mlp_ext, op_name).default._schema
+        has_tensors = any(_dtensor._is_tensor_type(a.type) for a in [*schema.arguments, *schema.returns])
+        if has_tensors and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd"):
+            assert op_name in _dtensor.OP_STRATEGIES, f"{op_name} has no DTensor sharding rules"
+    assert {"gated_mlp_forward", "gated_mlp_inference", "gated_mlp_backward"} <= set(_dtensor.OP_STRATEGIES)
 
     for op_name, keys in _dtensor.OP_STRATEGIES.items():
         schema = getattr(torch.ops.mlp_ext, op_name).default._schema
