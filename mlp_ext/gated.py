@@ -16,7 +16,8 @@ from torch.nn import Parameter
 import torch
 
 from . import penalty as _penalty
-from .functional import check_module_options, check_options, check_tensor, is_dtensor
+from .functional import (check_module_options, check_options, check_tensor, is_dtensor,
+                         register_dtensor_rules)
 from .modules import _attribute, check_sizes
 
 _gated_mlp = torch.ops.mlp_ext.gated_mlp.default
@@ -64,6 +65,8 @@ def gated_mlp(
     for name, t in (("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down)):
         check_tensor(op, name, t, optional=True)
     activation = check_options(op, activation, weight_decay, save_hidden, unknown_names_to_op=True)
+    if type(w_gate) is not Tensor and type(w_gate) is not Parameter:
+        register_dtensor_rules(w_gate)  # DTensor weights: the sharding rules, on first use
     return _gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation=activation,
                       weight_decay=float(weight_decay), save_hidden=save_hidden)
 

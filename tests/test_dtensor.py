@@ -794,6 +794,29 @@ def test_plain_tensors_never_import_dtensor():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+@pytest.mark.parametrize("op", ["fused_mlp", "gated_mlp"])
+def test_the_functions_on_dtensors_register_the_rules(op, tmp_path):
+    """mlp_ext.fused_mlp / gated_mlp called on DTensor weights register the sharding
+    rules themselves (no module call, no `import mlp_ext.parallel` before), in a
+    fresh process with a one-rank mesh, and give the plain call's o and s."""
+    code = (
+        "import torch, torch.distributed as dist, mlp_ext\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)\n"
+        "from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor\n"
+        "mesh = DeviceMesh('cpu', [0])\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, w1, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 3), (4, 3), (2, 4)))\n"
+        "w3 = torch.randn(4, 3, generator=g, dtype=torch.float64)\n"
+        f"args = (x, w1, w2) if {op!r} == 'fused_mlp' else (x, w1, w3, w2)\n"
+        f"fn = getattr(mlp_ext, {op!r})\n"
+        "o, s = fn(*(distribute_tensor(t, mesh, [Replicate()]) for t in args), weight_decay=0.1)\n"
+        "o_ref, s_ref = fn(*args, weight_decay=0.1)\n"
+        "torch.testing.assert_close(o.full_tensor(), o_ref)\n"
+        "torch.testing.assert_close(s.full_tensor(), s_ref)\n"
+        "dist.destroy_process_group()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_every_tensor_of_every_op_has_a_placement():
     """The rules table covers each op's schema (names read from csrc/ops.cpp's
     schemas): a tensor argument or output added to an op without a placement
