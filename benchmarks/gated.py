@@ -210,7 +210,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=common.parse_shape, nargs="+", default=SHAPES)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="float32 (default), float64; bfloat16 once the CPU op takes it (issue 17)")
+                   help="float32 (default), float64 or bfloat16 (every side in that dtype)")
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--block-seconds", type=float, default=0.5)
