@@ -116,14 +116,8 @@ GatedForwardResult gated_mlp_forward(
   matmul(products, o, b_down ? &*b_down : nullptr, h, false, w_down, /*trans_b=*/true);
 
   // ||W_g||^2 + ||W_u||^2 = ||[W_g; W_u]||^2: the stacked weights serve the penalty too.
-  Tensor s = weight_decay == 0 ? empty({}, options).zero_()
-                               : products.penalty(w, w_down, weight_decay);
-  if (x.dim() != 2) {
-    auto o_shape = x.sizes().vec();
-    o_shape.back() = out_features;
-    o = o.view(o_shape);
-  }
-  return {o, s, z, h};
+  Tensor s = weight_decay == 0 ? zero_scalar(options) : products.penalty(w, w_down, weight_decay);
+  return {with_leading_dims(o, x), s, z, h};
 }
 
 InferenceResult gated_mlp_inference(

@@ -222,6 +222,15 @@ Tensor zero_scalar(const at::TensorOptions& options) {
   return s;
 }
 
+Tensor with_leading_dims(const Tensor& o, const Tensor& x) {
+  if (x.dim() == 2) {
+    return o;
+  }
+  auto o_shape = x.sizes().vec();
+  o_shape.back() = o.size(1);
+  return o.view(o_shape);
+}
+
 // g *= mask * dropout_scale(p).
 void apply_dropout(const DeviceKernels& kernels, Tensor& g, const Tensor& mask, double p) {
   if (kernels.apply_dropout != nullptr) {
@@ -303,12 +312,7 @@ ForwardResult fused_mlp_forward(
   matmul(kernels, o, b2 ? &*b2 : nullptr, h, false, w2, /*trans_b=*/true);
 
   Tensor s = weight_decay == 0 ? zero_scalar(options) : kernels.penalty(w1, w2, weight_decay);
-  if (x.dim() != 2) {
-    auto o_shape = x.sizes().vec();
-    o_shape.back() = out_features;
-    o = o.view(o_shape);
-  }
-  return {o, s, z, h, mask};
+  return {with_leading_dims(o, x), s, z, h, mask};
 }
 
 InferenceResult fused_mlp_inference(

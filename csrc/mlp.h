@@ -182,5 +182,9 @@ void weight_gradient(
     const std::optional<Tensor>& grad_s, double weight_decay);
 // at::empty, without the dispatcher on the CPU.
 Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+// A 0-dim zero (s without weight decay), without a dispatched zero_() on the CPU.
+Tensor zero_scalar(const at::TensorOptions& options);
+// o (n x out_features) viewed with x's leading dimensions, as nn.Linear returns it.
+Tensor with_leading_dims(const Tensor& o, const Tensor& x);
 
 }  // namespace mlp_ext

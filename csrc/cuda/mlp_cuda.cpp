@@ -256,13 +256,9 @@ std::optional<ForwardResult> narrow_forward(
   a.b1 = data_or_null(b1c), a.b2 = data_or_null(b2c);
   a.o = o.data_ptr(), a.z = mutable_data_or_null(z), a.hidden = mutable_data_or_null(hidden);
   C10_CUDA_CHECK(narrow_mlp_forward(a, current_stream(x)));
-  Tensor s = weight_decay == 0 ? at::zeros({}, x.options()) : penalty_cuda(w1, w2, weight_decay);
-  if (x.dim() != 2) {
-    auto o_shape = x.sizes().vec();
-    o_shape.back() = q;
-    o = o.view(o_shape);
-  }
-  return ForwardResult{o, s, z, hidden, at::empty({0}, x.options().dtype(at::kBool))};
+  Tensor s = weight_decay == 0 ? zero_scalar(x.options()) : penalty_cuda(w1, w2, weight_decay);
+  return ForwardResult{
+      with_leading_dims(o, x), s, z, hidden, at::empty({0}, x.options().dtype(at::kBool))};
 }
 
 // DeviceKernels::fully_fused_backward: the backward on the narrow kernels, or
