@@ -14,13 +14,15 @@ from .activations import ACTIVATIONS, resolve_activation  # noqa: F401  (ACTIVAT
 _fused_mlp = torch.ops.mlp_ext.fused_mlp.default
 
 
-def op_options(activation: str, weight_decay: float, save_hidden: bool, dropout: float) -> dict:
-    """The keyword arguments of a fused_mlp op call: only those that differ from the
-    schema's defaults (csrc/ops.cpp). Each keyword the op's Python binding parses
-    against the schema costs ~4-7K instructions, a tenth of a small call
-    (benchmarks/instructions.py --calls), so the usual call passes none."""
+def op_options(activation: str, weight_decay: float, save_hidden: bool, dropout: float = 0.0,
+               default_activation: str = "relu") -> dict:
+    """The keyword arguments of a fused_mlp (or gated_mlp: default_activation "silu",
+    no dropout) op call: only those that differ from the schema's defaults
+    (csrc/ops.cpp). Each keyword the op's Python binding parses against the schema
+    costs ~4-7K instructions, a tenth of a small call (benchmarks/instructions.py
+    --calls), so the usual call passes none."""
     options = {}
-    if activation != "relu":
+    if activation != default_activation:
         options["activation"] = activation
     if weight_decay != 0.0:
         options["weight_decay"] = weight_decay

@@ -16,7 +16,7 @@ from torch.nn import Parameter
 import torch
 
 from . import penalty as _penalty
-from .functional import (check_module_options, check_options, check_tensor, is_dtensor,
+from .functional import (check_module_options, check_options, check_tensor, is_dtensor, op_options,
                          register_dtensor_rules)
 from .modules import _attribute, check_sizes
 
@@ -67,8 +67,8 @@ def gated_mlp(
     activation = check_options(op, activation, weight_decay, save_hidden, unknown_names_to_op=True)
     if type(w_gate) is not Tensor and type(w_gate) is not Parameter:
         register_dtensor_rules(w_gate)  # DTensor weights: the sharding rules, on first use
-    return _gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation=activation,
-                      weight_decay=float(weight_decay), save_hidden=save_hidden)
+    return _gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                      **op_options(activation, float(weight_decay), save_hidden, default_activation="silu"))
 
 
 def _check_names(where: str, names) -> Tuple[str, str, str]:
@@ -165,9 +165,9 @@ class GatedFusedMLP(nn.Module):
             check_tensor("gated_mlp", "x", x)
         o, s = _gated_mlp(x, w_gate, _attribute(up, "weight"), _attribute(down, "weight"),
                           _attribute(gate, "bias"), _attribute(up, "bias"), _attribute(down, "bias"),
-                          activation=self.activation,
-                          weight_decay=self.weight_decay if return_penalty or collector is not None else 0.0,
-                          save_hidden=self.save_hidden)
+                          **op_options(self.activation,
+                                       self.weight_decay if return_penalty or collector is not None else 0.0,
+                                       self.save_hidden, default_activation="silu"))
         if collector is not None:
             collector.add(s)
         return (o, s) if return_penalty else o
